@@ -1,0 +1,34 @@
+# sa2vp-kernels: one-command set-up, tests, demo, benchmarks.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.sa2vp-installed
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+.PHONY: install test demo bench gpu-check clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt $(SOURCES) | $(VENV)/bin/python
+	$(PIP) install -q -r requirements.txt
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m sa2vp_kernels.demo
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-only
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info sa2vp_kernels/*.so $(VENV)

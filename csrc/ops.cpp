@@ -1,0 +1,26 @@
+// Operator schemas of sa2vp_kernels (declared once here; CPU implementations live in csrc/cpu,
+// CUDA implementations in csrc/cuda, fake/meta implementations and autograd in Python).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing sa2vp_kernels._C registers the operators below (no Python bindings needed).
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(sa2vp_kernels, m) {
+  // ---- local cross attention -------------------------------------------------------------
+  // q, k, v: (B, H, N, D), any strides with stride(-1) == 1 preferred; N = num_prefix + grid_h*grid_w.
+  // Returns out (B, H, N, D) contiguous, same dtype as q, and lse (B, H, N): the log-sum-exp of the
+  // scaled scores of every query, float32 (float64 for float64 inputs).
+  m.def(
+      "local_attn_fwd(Tensor q, Tensor k, Tensor v, int grid_h, int grid_w, int window, "
+      "int num_prefix, bool zero_border, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), contiguous, dtype of q.
+  m.def(
+      "local_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "int grid_h, int grid_w, int window, int num_prefix, bool zero_border, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  // ---- prompt ops (schemas added below) ------------------------------------------------------
+}

@@ -1,0 +1,19 @@
+"""sa2vp-kernels: fused kernels for SA2VP (spatially aligned-and-adapted visual prompts).
+
+Public ops (each with ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"``):
+
+* :func:`local_cross_attention` - spatially aligned cross-pathway attention.
+"""
+from . import reference
+from ._dispatch import BACKENDS
+from ._ext import extension_available
+from .local_attention import LocalCrossAttention, local_cross_attention
+
+__all__ = [
+    "BACKENDS",
+    "LocalCrossAttention",
+    "extension_available",
+    "local_cross_attention",
+    "reference",
+]
+__version__ = "0.1.0"

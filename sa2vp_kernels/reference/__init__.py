@@ -1,0 +1,12 @@
+"""Pure-PyTorch oracles of every op (correctness references and benchmark baselines)."""
+from .attention import (
+    local_cross_attention_lse,
+    local_cross_attention_oracle,
+    local_cross_attention_vectorized,
+)
+
+__all__ = [
+    "local_cross_attention_oracle",
+    "local_cross_attention_vectorized",
+    "local_cross_attention_lse",
+]

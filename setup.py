@@ -1,0 +1,74 @@
+"""Build script for sa2vp-kernels.
+
+Builds the extension ``sa2vp_kernels._C`` with ninja:
+
+* the C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) always;
+* the CUDA kernels (``csrc/cuda/*.cu``) whenever ``nvcc`` is found, even on a machine without a GPU.
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0`` when unset.  Set ``SA2VP_SKIP_CUDA=1`` to skip them.
+
+Install with ``pip install --no-build-isolation -e .`` (build isolation would fetch a second torch).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted():
+    if os.environ.get("SA2VP_SKIP_CUDA", "0") not in ("", "0"):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _cuda_wanted():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        return [
+            CUDAExtension(
+                "sa2vp_kernels._C",
+                cpp_sources + rel("csrc/cuda/*.cu"),
+                include_dirs=include_dirs,
+                define_macros=[("SA2VP_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        ]
+    return [
+        CppExtension(
+            "sa2vp_kernels._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="sa2vp-kernels",
+    version="0.1.0",
+    description="Fused Triton/CUDA/C++ kernels and a fast SA2VP implementation on timm backbones",
+    packages=find_packages(include=["sa2vp_kernels", "sa2vp_kernels.*", "sa2vp", "sa2vp.*"]),
+    python_requires=">=3.10",
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    entry_points={"console_scripts": ["sa2vp=sa2vp.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,30 @@
+"""Test configuration: Triton kernels run under the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before triton is imported (sa2vp_kernels imports it), so this runs
+before any test module imports the package.
+"""
+import os
+import shutil
+
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "slow: longer CPU tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
