@@ -14,6 +14,9 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a symlink outside the toolkit.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
 def _cuda_wanted():
