@@ -1,0 +1,113 @@
+"""pytest-benchmark configuration of the micro-benchmarks.
+
+Every benchmark reports its median to a session-wide list through the ``record`` fixture; with
+``--sa2vp-save`` the list, the speed-up ratios and the machine's description are written to
+``bench/results/<device>-<date>.json`` (``cpu-<date>.json`` on the CPU) at the end of the session.
+
+Triton kernels run under the interpreter without a GPU; the CPU suite leaves them out (the
+interpreter's speed means nothing), but importing the package must still work.
+"""
+import os
+import shutil
+import sys
+import time
+
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_RECORDS: list = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sa2vp-save", action="store_true", default=False,
+                     help="write the medians and speed-up ratios to bench/results/<device>-<date>.json")
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def record():
+    """``record(section, case, provider, pass_, benchmark)``: keep the benchmark's median for the results
+    file (nothing is kept when benchmarks are disabled)."""
+
+    def _record(section, case, provider, pass_, benchmark, note=""):
+        stats = getattr(benchmark, "stats", None)
+        if stats is None:
+            return
+        s = stats.stats
+        ms = s.median * 1e3
+        entry = {"section": section, "case": case.label, "provider": provider, "pass": pass_, "ms": ms,
+                 "ms_q1": s.q1 * 1e3, "ms_q3": s.q3 * 1e3, "rounds": s.rounds, **case.params()}
+        nbytes = case.bytes(pass_)
+        entry["bytes"] = nbytes
+        entry["gbps"] = nbytes / (ms * 1e-3) / 1e9
+        if note:
+            entry["note"] = note
+        _RECORDS.append(entry)
+
+    return _record
+
+
+def run(benchmark, workload, pass_, device, *, budget_s=1.0, min_rounds=3, max_rounds=200):
+    """Time ``pass_`` of ``workload`` with pytest-benchmark: one timed warm-up call, then enough rounds
+    to fill about ``budget_s`` seconds (each round one call on the next rotating input set)."""
+    fn = workload.runner(pass_)
+    cuda = device.type == "cuda"
+
+    def call():
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    t0 = time.perf_counter()
+    call()
+    dt = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / dt)))
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 10 else 0)
+
+
+@pytest.fixture
+def bench_run():
+    return run
+
+
+def skip_unavailable(make):
+    """Build a workload, skipping the test when its provider cannot run here."""
+    try:
+        return make()
+    except common.Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def workload_or_skip():
+    return skip_unavailable
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not session.config.getoption("--sa2vp-save") or not _RECORDS:
+        return
+    results = common.new_results(DEVICE, source="pytest-benchmark (bench/test_bench_*.py)")
+    results["records"] = list(_RECORDS)
+    path = common.results_path(results)
+    common.write_results(results, [path])
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"sa2vp results: {path}"]
+    for r in results["ratios"]:
+        if "target" in r:
+            lines.append(f"  {r['section']} {r['case']} {r['pass']}: {r['ours']} is {r['speedup']:.2f}x "
+                         f"{r['baseline']} (target >= {r['target']:g}x: {'met' if r['met'] else 'NOT met'})")
+    if tr is not None:
+        for line in lines:
+            tr.write_line(line)

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# GPU check of sa2vp-kernels in one go (about 8 minutes on an H100, the build included):
+#   1. build the extension in place for the card and check that `import sa2vp_kernels` works;
+#   2. run the GPU tests (`pytest -m gpu tests`, each test under a time limit);
+#   3. benchmark every op and the SA2VP model against the alternatives (bench/run_gpu.py);
+#   4. write Markdown tables and a plot (bench/report.py) and print a summary last.
+# Everything lands in $OUT (logs, <device>-<date>.json/.md/.png); the results also go to bench/results/.
+#
+#   bash bench/gpu_check.sh          # or: make gpu-check
+#
+# Environment: PYTHON (default python3), OUT (default bench/results/gpu-check-<time>),
+# SA2VP_GPU_BUDGET (seconds for the whole script, default 470), TORCH_CUDA_ARCH_LIST (default 9.0),
+# MAX_JOBS (default 16), SA2VP_SKIP_BUILD=1 (use the extension already built), SA2VP_BENCH_ARGS (extra
+# arguments of bench/run_gpu.py, e.g. "--sections attention,prompt_add").  Needs no network and no
+# virtual environment.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+BUDGET=${SA2VP_GPU_BUDGET:-470}
+T0=$(date +%s)
+OUT=${OUT:-$ROOT/bench/results/gpu-check-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | head -n 4
+"$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__, "| CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")'
+command -v nvcc >/dev/null && nvcc --version | tail -n 1
+
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+t=$(date +%s)
+if [ "${SA2VP_SKIP_BUILD:-0}" = "1" ]; then
+  build="skipped (SA2VP_SKIP_BUILD=1)"
+  : >"$OUT/build.log"
+elif timeout "$(clamp $(( $(left) - 200 )) 60 300)" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  build="ok in $(( $(date +%s) - t )) s"
+else
+  build="FAILED (rc $?, see build.log) after $(( $(date +%s) - t )) s"
+fi
+echo "build: $build"
+tail -n 3 "$OUT/build.log"
+"$PY" -c 'import sa2vp_kernels as sk
+from sa2vp_kernels import _ext
+print("import sa2vp_kernels: ok | extension loaded:", sk.extension_available(), "| CUDA kernels:",
+      {op: _ext.has_kernel(op, "CUDA") for op in ("local_attn_fwd", "prompt_add_fwd", "prompt_map_fwd")})' \
+  || echo "import sa2vp_kernels FAILED"
+
+echo "== GPU tests"
+tests_budget=$(clamp $(( $(left) - 190 )) 0 150)
+if (( tests_budget >= 20 )); then
+  per_test=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"
+  t=$(date +%s)
+  timeout "$tests_budget" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider $per_test \
+    -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
+  rc=$?
+  tests="$(tail -n 1 "$OUT/pytest-gpu.log") (rc $rc$( (( rc == 124 )) && echo ', cut at the time limit'), $(( $(date +%s) - t )) s)"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu.log" | head -n 20
+else
+  tests="not run: no time left"
+fi
+echo "GPU tests: $tests"
+
+echo "== benchmarks"
+bench_budget=$(clamp $(( $(left) - 25 )) 30 3600)
+timeout $(( bench_budget + 15 )) "$PY" bench/run_gpu.py --out "$OUT" --budget "$bench_budget" ${SA2VP_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+
+json=$(ls -t "$OUT"/*.json 2>/dev/null | head -n 1)
+echo "== summary ($(( $(date +%s) - T0 )) s in all; logs and results in $OUT)"
+echo "build: $build"
+echo "GPU tests: $tests"
+if [ -n "$json" ]; then
+  "$PY" bench/report.py "$json" >/dev/null 2>"$OUT/report.err" || cat "$OUT/report.err"
+  rm -f "$OUT/report.err"
+  cp "$json" "${json%.json}.md" bench/results/ 2>/dev/null
+  [ -f "${json%.json}.png" ] && cp "${json%.json}.png" bench/results/
+  "$PY" bench/report.py "$json" --summary --no-plot 2>/dev/null
+else
+  echo "no results file was written (see bench.log)"
+fi

@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Time every op of sa2vp-kernels and the SA2VP model against the alternatives on one GPU, within a
+time budget, and write a device-tagged results file.
+
+    python3 bench/run_gpu.py --out DIR --budget 300      # on a CUDA machine (bench/gpu_check.sh)
+    python3 bench/run_gpu.py --dry-run --out /tmp/dry    # every code path, tiny shapes, on the CPU
+
+Sections, in this order: copy bandwidth; attention (B=64, N=197, C=768 as 1x768 and 12x64, bf16;
+fwd / bwd / fwd+bwd; our Triton and CUDA kernels, the vectorised reference, dense SDPA with a
+neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, fwd+bwd; kernels,
+reference, the unfused nn composition, eager and compiled); prompt_map; the SA2VP ViT-B/16 training
+step and inference at 224 (auto backend against backend="reference"); N scaling 197 -> 785 -> 4097
+with peak memory; windows 3/5/7; the model at 448.
+
+Each section gets a share of the time left when it starts and skips its remaining items once over
+it; the results file is rewritten after every measurement, so a run cut short still leaves data.
+A failing provider records its error and the run goes on.  Times are medians of
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Plan:
+    """Shapes and repetition counts of one run."""
+
+    batch: int = 64
+    dtype_name: str = "bfloat16"
+    layouts: tuple = ((12, 64), (1, 768))
+    grid: tuple = (14, 14)
+    windows: tuple = (3, 5, 7)
+    scaling_grids: tuple = ((14, 14), (28, 28), (64, 64))
+    prompt_add: tuple = ((64, 197, 768, 16),)
+    dropout_ps: tuple = (0.1, 0.0)
+    prompt_map: tuple = (((14, 14), (14, 14)), ((28, 28), (14, 14)))
+    prompt_map_dtype_name: str = "float32"
+    model: str = "vit_base_patch16_224"
+    num_classes: int = 100
+    e2e_first: tuple = ((224, 64),)
+    e2e_last: tuple = ((448, 16),)
+    infer_batch: int = 64
+    warm_steps: int = 3
+    train_steps: int = 10
+    warmup_ms: float = 25
+    rep_ms: float = 100
+    copy_bytes: int = 1 << 30
+    shares: dict = field(default_factory=lambda: {
+        "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
+        "scaling": 0.5, "windows": 0.7, "end_to_end_large": 1.0})
+
+    @classmethod
+    def tiny(cls) -> "Plan":
+        return cls(batch=2, dtype_name="float32", layouts=((4, 8), (1, 32)), grid=(4, 5), windows=(3, 5),
+                   scaling_grids=((4, 5), (8, 9)), prompt_add=((2, 21, 32, 4),),
+                   prompt_map=(((4, 5), (4, 5)), ((8, 10), (4, 5))), model="vit_tiny_patch16_224",
+                   num_classes=10, e2e_first=((48, 2),), e2e_last=((64, 2),), infer_batch=2, warm_steps=1,
+                   train_steps=2, warmup_ms=1, rep_ms=5, copy_bytes=16 << 20)
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Run:
+    """Budget, results and the file they are flushed to."""
+
+    def __init__(self, args, plan: Plan):
+        import common
+
+        self.common = common
+        self.args, self.plan = args, plan
+        self.device = common.torch.device(args.device)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget
+        self.section_deadline = self.deadline
+        self.results = common.new_results(self.device, source="bench/run_gpu.py" + (" --tiny" if args.tiny else ""))
+        self.results["meta"]["plan"] = {k: v for k, v in vars(plan).items() if k != "shares"}
+        self.results["meta"]["budget_s"] = args.budget
+        tag = self.results["meta"]["device_tag"] + ("-tiny" if args.tiny else "")
+        self.results["meta"]["device_tag"] = tag
+        name = f"{tag}-{self.results['meta']['date']}.json"
+        self.paths = [Path(args.out) / name]
+        if not args.no_copy:
+            self.paths.append(common.RESULTS_DIR / name)
+        self.copy_gbps = None
+        self.cuda = self.device.type == "cuda"
+        self.alive = True
+
+    # -- budget ---------------------------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def begin(self, section: str) -> bool:
+        share = self.plan.shares.get(section, 1.0)
+        now = time.monotonic()
+        self.section_deadline = now + share * max(self.deadline - now, 0.0)
+        self.log(f"== {section} ({self.section_deadline - now:.0f} s of {self.left():.0f} s left)")
+        return self.alive and self.left() > 0
+
+    def over(self) -> bool:
+        return not self.alive or time.monotonic() > self.section_deadline
+
+    def skip(self, section: str, what: str, reason: str) -> None:
+        self.results["skipped"].append({"section": section, "what": what, "reason": reason})
+        self.log(f"   skip {what}: {reason}")
+
+    # -- results --------------------------------------------------------------------------------
+    def add(self, record: dict) -> None:
+        self.results["records"].append(record)
+        self.flush()
+        msg = f"   {record['provider']:<17} {record['pass']:<8} {record['case']:<38}"
+        if record.get("error"):
+            msg += f" ERROR {record['error'][:160]}"
+        else:
+            msg += f" {record['ms']:9.4f} ms"
+            if record.get("bw_frac") is not None:
+                msg += f"  {100 * record['bw_frac']:5.1f}% of copy bw"
+            if record.get("images_per_s") is not None:
+                msg += f"  {record['images_per_s']:8.1f} img/s"
+            if record.get("peak_mib") is not None:
+                msg += f"  peak {record['peak_mib']:8.0f} MiB"
+            if record.get("rel_err_out") is not None:
+                msg += f"  err {record['rel_err_out']:.1e}"
+        self.log(msg)
+
+    def flush(self) -> None:
+        self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.common.write_results(self.results, self.paths)
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        """After an error on the GPU: stop the run if the CUDA context is gone (a sticky error)."""
+        if not self.cuda:
+            return
+        torch = self.common.torch
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).item()
+        except RuntimeError as exc:
+            self.alive = False
+            self.results["errors"]["cuda_context"] = _short(exc)
+            self.log(f"   the CUDA context is unusable ({_short(exc)}); stopping")
+
+    def free(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            self.common.torch.cuda.empty_cache()
+
+    def measure(self, section: str, case, provider: str, make, passes, *, errors=None, memory=False) -> None:
+        """Time ``passes`` of the workload ``make()`` builds, with its errors and peak memory."""
+        common = self.common
+        base = {"section": section, "case": case.label, "provider": provider, **case.params()}
+        try:
+            work = make()
+        except common.Unavailable as exc:
+            self.skip(section, f"{provider} {case.label}", str(exc))
+            return
+        except Exception as exc:  # a provider that breaks is recorded, the run goes on
+            self.add({**base, "pass": passes[0], "error": _short(exc)})
+            self.check_alive()
+            return
+        extra = {"note": work.note} if work.note else {}
+        if errors is not None:
+            try:
+                extra.update(errors(work))
+            except Exception as exc:
+                extra["check_error"] = _short(exc)
+                self.check_alive()
+        for pass_ in passes:
+            if self.over():
+                self.skip(section, f"{provider} {case.label} {pass_}", "over the section's time budget")
+                continue
+            rec = {**base, "pass": pass_, **extra}
+            try:
+                fn = work.runner(pass_)
+            except common.Unavailable as exc:
+                self.skip(section, f"{provider} {case.label} {pass_}", str(exc))
+                continue
+            try:
+                rec.update(common.time_fn(fn, self.device, warmup_ms=self.plan.warmup_ms, rep_ms=self.plan.rep_ms))
+                nbytes = case.bytes(pass_)
+                rec["bytes"] = nbytes
+                rec["gbps"] = nbytes / (rec["ms"] * 1e-3) / 1e9
+                if self.copy_gbps:
+                    rec["bw_frac"] = rec["gbps"] / self.copy_gbps
+                if memory:
+                    rec.update(common.peak_memory_mib(fn, self.device))
+                del fn
+            except Exception as exc:
+                rec["error"] = _short(exc)
+                self.free()
+                self.check_alive()
+            self.add(rec)
+            if not self.alive:
+                break
+        del work
+        self.free()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------
+
+def attention_providers(run: Run, section: str) -> tuple:
+    common = run.common
+    kernels = common.kernel_backends(run.device)
+    if (section == "attention" and run.device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        kernels = ("triton",) + kernels  # the interpreter: checked once, far too slow to time further
+    # FlexAttention last: its compilation is the slowest item of a section.
+    return kernels + ("reference", "sdpa_masked", "natten", "flex")
+
+
+def section_bandwidth(run: Run) -> None:
+    bw = run.common.copy_bandwidth(run.device, run.plan.copy_bytes)
+    run.copy_gbps = bw["gbps"]
+    run.results["bandwidth"] = bw
+    run.flush()
+    run.log(f"   device-to-device copy: {bw['gbps']:.0f} GB/s (read + write, {bw['bytes'] / 1e9:.2f} GB moved)")
+
+
+def _attn_case(run: Run, heads: int, head_dim: int, grid, window: int = 3):
+    return run.common.AttnCase(run.plan.batch, heads, head_dim, grid=tuple(grid), window=window,
+                               dtype=getattr(run.common.torch, run.plan.dtype_name))
+
+
+def _attn_make(run: Run, provider: str, case):
+    common = run.common
+
+    def make():
+        n_sets = common.rotation(3 * case.tensor_bytes(), run.device)
+        return common.attention_workload(provider, case, run.device, n_sets=n_sets,
+                                         compile_flex=run.device.type == "cuda")
+
+    return make
+
+
+def _attn_errors(run: Run, provider: str, case):
+    if provider == "natten":
+        return None
+    return lambda work: run.common.attention_errors(work, case)
+
+
+def section_attention(run: Run) -> None:
+    for provider in attention_providers(run, "attention"):
+        for heads, head_dim in run.plan.layouts:
+            case = _attn_case(run, heads, head_dim, run.plan.grid)
+            run.measure("attention", case, provider, _attn_make(run, provider, case), run.common.PASSES,
+                        errors=_attn_errors(run, provider, case), memory=True)
+
+
+def section_windows(run: Run) -> None:
+    for window in run.plan.windows:
+        for provider in attention_providers(run, "windows"):
+            case = _attn_case(run, *run.plan.layouts[0], run.plan.grid, window)
+            run.measure("windows", case, provider, _attn_make(run, provider, case), ("fwd", "fwd+bwd"),
+                        errors=_attn_errors(run, provider, case) if window != 3 else None)
+
+
+def section_scaling(run: Run) -> None:
+    for grid in run.plan.scaling_grids:
+        for provider in attention_providers(run, "scaling"):
+            case = _attn_case(run, *run.plan.layouts[0], grid)
+            run.measure("scaling", case, provider, _attn_make(run, provider, case), ("fwd", "fwd+bwd"),
+                        memory=True)
+
+
+def section_prompt_add(run: Run) -> None:
+    common = run.common
+    dtype = getattr(common.torch, run.plan.dtype_name)
+    providers = common.kernel_backends(run.device) + ("reference", "unfused")
+    if run.device.type == "cuda":
+        providers += ("unfused_compiled",)
+    for p in run.plan.dropout_ps:
+        for B, N, C, r in run.plan.prompt_add:
+            case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=p, dtype=dtype)
+            for provider in providers:
+                def make(provider=provider, case=case):
+                    n_sets = common.rotation(2 * case.tensor_bytes(), run.device)
+                    return common.prompt_add_workload(provider, case, run.device, n_sets=n_sets)
+
+                run.measure("prompt_add", case, provider, make, ("fwd", "fwd+bwd"),
+                            errors=lambda work, case=case: common.prompt_add_errors(work, case, run.device))
+
+
+def section_prompt_map(run: Run) -> None:
+    common = run.common
+    dtype = getattr(common.torch, run.plan.prompt_map_dtype_name)
+    providers = common.kernel_backends(run.device) + ("reference",)
+    for grid, embed_grid in run.plan.prompt_map:
+        case = common.PromptMapCase(grid=tuple(grid), embed_grid=tuple(embed_grid), width=run.plan.prompt_add[0][2],
+                                    rank=run.plan.prompt_add[0][3], dtype=dtype)
+        ref_out = {}
+        for provider in ("reference",) + tuple(p for p in providers if p != "reference"):
+            def make(provider=provider, case=case):
+                return common.prompt_map_workload(provider, case, run.device, n_sets=4)
+
+            def errors(work, provider=provider):
+                out = work.forward(*work.args[0])
+                if provider == "reference":
+                    ref_out["out"] = out.detach().double()
+                    return {}
+                return {"rel_err_out": common.rel_err(out, ref_out["out"])} if "out" in ref_out else {}
+
+            run.measure("prompt_map", case, provider, make, common.PASSES, errors=errors)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    model: str
+    img_size: int
+    batch: int
+    mode: str
+    dtype_name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} img{self.img_size} B{self.batch} {self.dtype_name} {self.mode}"
+
+    def params(self) -> dict:
+        return {"model": self.model, "img_size": self.img_size, "B": self.batch, "dtype": self.dtype_name}
+
+
+def _time_steps(run: Run, step, warm: int, steps: int) -> float:
+    """Mean milliseconds per call of ``step`` over ``steps`` calls after ``warm`` warm-up calls."""
+    torch = run.common.torch
+    for _ in range(warm):
+        step()
+    run.common.synchronize(run.device)
+    if run.cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def _model_backends(run: Run) -> tuple:
+    from sa2vp_kernels._dispatch import resolve_backend
+
+    auto = resolve_backend("auto", run.device, "local_attn_fwd")
+    run.results["meta"]["auto_backend"] = auto
+    extra = ("triton",) if auto == "cuda" else ()
+    return ("auto", "reference") + extra
+
+
+def section_end_to_end(run: Run, sizes) -> None:
+    torch = run.common.torch
+    try:
+        from sa2vp import SA2VP, SA2VPConfig
+    except ImportError as exc:
+        run.skip("end_to_end", "SA2VP", f"sa2vp.SA2VP is not importable ({exc})")
+        return
+    plan = run.plan
+    dtype_name = plan.dtype_name if run.cuda else "float32"
+    for img_size, batch in sizes:
+        for backend in _model_backends(run):
+            if run.over():
+                run.skip("end_to_end", f"{backend} img{img_size}", "over the section's time budget")
+                continue
+            train_case = ModelCase(plan.model, img_size, batch, "train", dtype_name)
+            infer_case = ModelCase(plan.model, img_size, plan.infer_batch if img_size == sizes[0][0] else batch,
+                                   "infer", dtype_name)
+            model = None
+            try:
+                model = SA2VP(plan.model, num_classes=plan.num_classes, config=SA2VPConfig(backend=backend),
+                              img_size=img_size).to(run.device)
+            except Exception as exc:
+                run.add({"section": "end_to_end", "case": train_case.label, "provider": backend, "pass": "train",
+                         **train_case.params(), "error": _short(exc)})
+                run.check_alive()
+                continue
+            for case in (train_case, infer_case):
+                if run.over():
+                    run.skip("end_to_end", f"{backend} {case.label}", "over the section's time budget")
+                    continue
+                rec = {"section": "end_to_end", "case": case.label, "provider": backend, "pass": case.mode,
+                       **case.params()}
+                try:
+                    step = _train_step(run, model, case) if case.mode == "train" else _infer_step(run, model, case)
+                    if run.cuda:
+                        torch.cuda.synchronize(run.device)
+                        torch.cuda.reset_peak_memory_stats(run.device)
+                    ms = _time_steps(run, step, plan.warm_steps, plan.train_steps)
+                    rec.update(ms=ms, images_per_s=case.batch / (ms * 1e-3))
+                    if run.cuda:
+                        rec["peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+                    del step
+                except Exception as exc:
+                    rec["error"] = _short(exc)
+                    if os.environ.get("SA2VP_BENCH_TRACEBACK"):
+                        traceback.print_exc()
+                    run.free()
+                    run.check_alive()
+                run.add(rec)
+            del model
+            run.free()
+
+
+def _train_step(run: Run, model, case: ModelCase):
+    torch = run.common.torch
+    model.train()
+    params = [p for _, p in model.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    g = torch.Generator(device=run.device).manual_seed(0)
+    images = torch.randn(case.batch, 3, case.img_size, case.img_size, device=run.device, generator=g)
+    target = torch.randint(0, model.num_classes, (case.batch,), device=run.device, generator=g)
+
+    def step():
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cuda):
+            loss = model.loss(model(images), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _infer_step(run: Run, model, case: ModelCase):
+    torch = run.common.torch
+    model.eval()
+    g = torch.Generator(device=run.device).manual_seed(1)
+    images = torch.randn(case.batch, 3, case.img_size, case.img_size, device=run.device, generator=g)
+
+    def step():
+        with torch.no_grad(), torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cuda):
+            return model(images)
+
+    return step
+
+
+SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "scaling", "windows",
+            "end_to_end_large")
+
+
+def run_sections(run: Run, names) -> None:
+    table = {
+        "bandwidth": section_bandwidth,
+        "attention": section_attention,
+        "prompt_add": section_prompt_add,
+        "prompt_map": section_prompt_map,
+        "end_to_end": lambda r: section_end_to_end(r, r.plan.e2e_first),
+        "scaling": section_scaling,
+        "windows": section_windows,
+        "end_to_end_large": lambda r: section_end_to_end(r, r.plan.e2e_last),
+    }
+    for name in SECTIONS:
+        if name not in names:
+            continue
+        if not run.begin(name):
+            run.skip(name, name, "no time left" if run.alive else "the CUDA context is unusable")
+            continue
+        try:
+            table[name](run)
+        except Exception as exc:  # a broken section is recorded, the next one runs
+            run.results["errors"][name] = traceback.format_exc(limit=8)
+            run.log(f"   section {name} failed: {_short(exc)}")
+            run.free()
+            run.check_alive()
+        run.flush()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cuda (default when a GPU is present) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and few repetitions (a dry run)")
+    parser.add_argument("--dry-run", action="store_true", help="same as --device cpu --tiny --no-copy")
+    parser.add_argument("--out", default=None, help="folder for the results file (default bench/results)")
+    parser.add_argument("--no-copy", action="store_true", help="do not also write the file into bench/results")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.tiny, args.no_copy = "cpu", True, True
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu" or (args.device is None and not os.path.exists("/dev/nvidia0")):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device is available; use --device cpu --tiny (or --dry-run) on this machine", file=sys.stderr)
+        return 2
+    import common
+
+    if args.out is None:
+        args.out = str(common.RESULTS_DIR)
+    plan = Plan.tiny() if args.tiny else Plan()
+    run = Run(args, plan)
+    meta = run.results["meta"]
+    run.log(f"sa2vp-kernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+            f"extension {'loaded' if meta['extension'] else 'MISSING'}), budget {args.budget:.0f} s")
+    run_sections(run, set(args.sections.split(",")))
+    run.flush()
+    run.log(f"results: {', '.join(str(p) for p in run.paths)} ({time.monotonic() - run.t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
