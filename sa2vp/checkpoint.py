@@ -118,7 +118,7 @@ def load_checkpoint(path, backbone=None, pretrained_path=None) -> SA2VP:
         if diff:
             raise ValueError(f"backbone does not match the checkpoint's (given, saved): {diff}")
     model = SA2VP(backbone, num_classes, config, pretrained_path=pretrained_path)
-    if name is not None and model.backbone_name is None:
+    if name is not None:
         model.backbone_name = name
     tensors = load_file(str(path), device="cpu")
     if has_backbone:
