@@ -25,7 +25,7 @@ demo: install
 	$(PY) -m sa2vp_kernels.demo
 
 bench: install
-	$(PY) -m pytest -q bench --benchmark-only
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds --sa2vp-save
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -129,10 +129,12 @@ def ratio_table(ratios: list, passes=None) -> list:
         if passes is not None and r["pass"] not in passes:
             continue
         target = f">= {r['target']:g}x ({'met' if r['met'] else 'NOT met'})" if "target" in r else ""
-        rows.append([r["section"], r["case"], r["pass"], r["ours"], r["baseline"], f"{r['speedup']:.2f}x", target])
+        of_min = f"{r['speedup_of_min']:.2f}x" if r.get("speedup_of_min") else "-"
+        rows.append([r["section"], r["case"], r["pass"], r["ours"], r["baseline"], f"{r['speedup']:.2f}x", of_min,
+                     target])
     if not rows:
         return []
-    return _table(["section", "case", "pass", "ours", "baseline", "speed-up", "target"], rows)
+    return _table(["section", "case", "pass", "ours", "baseline", "speed-up (medians)", "(minima)", "target"], rows)
 
 
 def header(results: dict) -> list:

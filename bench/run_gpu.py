@@ -166,6 +166,8 @@ class Run:
     def measure(self, section: str, case, provider: str, make, passes, *, errors=None, memory=False) -> None:
         """Time ``passes`` of the workload ``make()`` builds, with its errors and peak memory."""
         common = self.common
+        if self.args.providers and provider not in self.args.providers:
+            return
         base = {"section": section, "case": case.label, "provider": provider, **case.params()}
         try:
             work = make()
@@ -493,7 +495,11 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--providers", default="",
+                        help="comma-separated providers of the op sections to run (default: all), e.g. "
+                             "triton,cuda,reference,sdpa_masked,flex,natten,unfused,unfused_compiled")
     args = parser.parse_args(argv)
+    args.providers = set(filter(None, args.providers.split(",")))
     if args.dry_run:
         args.device, args.tiny, args.no_copy = "cpu", True, True
     unknown = set(args.sections.split(",")) - set(SECTIONS)

@@ -1,0 +1,66 @@
+"""Smoke tests of the GPU benchmark script and the report, on tiny CPU shapes.
+
+They check that every code path of ``bench/run_gpu.py`` runs and that the providers with our exact
+semantics (dense masked SDPA, FlexAttention's block mask, the kernels) agree with the reference; no
+timing is checked.  ``pytest bench --benchmark-only`` (``make bench``) leaves them out.
+"""
+import json
+
+import pytest
+import torch
+
+import common
+import report
+import run_gpu
+
+
+def test_neighbourhood_mask_by_hand():
+    # grid 2 x 3 with one prefix token, window 3: the CLS row sees everything, grid (0, 0) sees its
+    # 2 x 2 corner, grid (1, 1) the whole grid, and no grid row sees the prefix key.
+    mask = common.neighbourhood_mask((2, 3), 3, 1, "cpu")
+    assert mask.shape == (7, 7)
+    assert mask[0].all()
+    assert not mask[1:, 0].any()
+    assert mask[1, 1:].tolist() == [True, True, False, True, True, False]
+    assert mask[5, 1:].tolist() == [True, True, True, True, True, True]
+    assert mask[3, 1:].tolist() == [False, True, True, False, True, True]
+
+
+@pytest.mark.parametrize("provider", ["sdpa_masked", "flex"])
+def test_peers_compute_local_cross_attention(provider):
+    case = common.AttnCase(2, 3, 8, grid=(5, 4), window=3, num_prefix=1, dtype=torch.float32)
+    work = common.attention_workload(provider, case, "cpu", compile_flex=False)
+    errors = common.attention_errors(work, case)
+    assert errors["rel_err_out"] < 1e-5
+
+
+def test_ratios_and_targets():
+    rec = {"section": "attention", "case": "c", "pass": "fwd+bwd"}
+    records = [{**rec, "provider": "cpu", "ms": 2.0}, {**rec, "provider": "reference", "ms": 9.0},
+               {**rec, "provider": "sdpa_masked", "ms": 1.0}, {**rec, "provider": "flex", "error": "boom"}]
+    ratios = {(r["ours"], r["baseline"]): r for r in common.compute_ratios(records)}
+    assert set(ratios) == {("cpu", "reference"), ("cpu", "sdpa_masked")}
+    assert ratios[("cpu", "reference")]["speedup"] == pytest.approx(4.5)
+    assert ratios[("cpu", "reference")]["target"] == 5.0 and not ratios[("cpu", "reference")]["met"]
+    assert "target" not in ratios[("cpu", "sdpa_masked")]
+
+
+def test_dry_run_and_report(tmp_path):
+    rc = run_gpu.main(["--dry-run", "--out", str(tmp_path), "--budget", "600",
+                       "--sections", "bandwidth,attention,prompt_add,prompt_map,scaling",
+                       "--providers", "cpu,reference,sdpa_masked,flex,unfused"])
+    assert rc == 0
+    (path,) = tmp_path.glob("cpu-tiny-*.json")
+    results = json.loads(path.read_text())
+    records = results["records"]
+    assert not [r for r in records if r.get("error")], records
+    assert {r["section"] for r in records} == {"attention", "prompt_add", "prompt_map", "scaling"}
+    assert results["bandwidth"]["gbps"] > 0
+    checked = [r for r in records if r.get("rel_err_out") is not None]
+    assert {r["provider"] for r in checked} >= {"cpu", "sdpa_masked", "flex"}
+    assert all(r["rel_err_out"] < 1e-5 for r in checked)
+    assert all(r["ms"] > 0 and r["bytes"] > 0 for r in records)
+    written = report.report(path)
+    text = written[0].read_text()
+    assert "### Local cross attention" in text and "| case | pass |" in text
+    assert [w.suffix for w in written] == [".md", ".png"]
