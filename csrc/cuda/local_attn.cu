@@ -1,0 +1,1101 @@
+// CUDA kernels of the spatially aligned local cross attention (ops local_attn_fwd / local_attn_bwd,
+// schemas in csrc/ops.cpp).
+//
+// Tokens: q, k, v are (B, H, N, D) with N = P + gh * gw: P prefix tokens, then the grid row-major.
+// A prefix query attends to all N keys; a grid query at (y, x) to the grid keys (y + dy, x + dx),
+// |dy|, |dx| <= window / 2. Border "clip" skips out-of-grid neighbours; border "zero" counts each of
+// them as score 0 with value 0, i.e. one extra softmax term exp(0) of multiplicity
+// window^2 - (in-grid neighbours), which starts the softmax instead of being visited.
+//
+// Work split. A *group* of G lanes of one warp (G a power of two <= 32) owns one row of D features:
+// lane l holds the 16-byte vectors v0 + i * G + l (i < VPL) of the row, so a group reads a row with
+// coalesced 16-byte loads and reduces dot products with G-lane shuffles.
+//
+//   forward   grid query   -> one group, online softmax over its clipped window.
+//             prefix query -> one block; its groups share out the N keys and their softmax states are
+//                             merged in a fixed order. Prefix blocks come first in the same launch, so
+//                             these long programs overlap with the grid queries.
+//   backward  delta_i = dO_i . O_i                          one group per query
+//             dq: grid query -> one group over its window; prefix query -> one block over all keys
+//             dk, dv: one group per key gathering every query that sees it (a grid key: the grid
+//             queries in the window around it and all prefix queries; a prefix key: the prefix
+//             queries), so every sum runs in a fixed order without atomics: bitwise deterministic.
+//
+// A row wider than one group's registers (G * VPL vectors) is handled in slabs of G * VPL vectors;
+// scores are then recomputed from full-row dot products for every slab (slower, very wide heads only).
+// Head dims that are not a multiple of the vector width and misaligned views are first copied into
+// zero-padded contiguous buffers: zero features change no score, and the padding is cut off again.
+// Softmax and accumulation run in float32 (float64 for float64 inputs).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+
+namespace sa2vp {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class T>
+struct Traits {
+  using acc = float;
+  static constexpr int vec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector
+  // Vectors per lane kept in registers: 32 accumulator floats (16 doubles) per row and lane.
+  static constexpr int max_vpl = sizeof(T) == 2 ? 4 : 8;
+};
+template <>
+struct Traits<double> {
+  using acc = double;
+  static constexpr int vec = 2;
+  static constexpr int max_vpl = 8;
+};
+
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+__device__ __forceinline__ float fexp(float x) { return expf(x); }
+__device__ __forceinline__ double fexp(double x) { return exp(x); }
+__device__ __forceinline__ float flog(float x) { return logf(x); }
+__device__ __forceinline__ double flog(double x) { return log(x); }
+
+template <class A>
+__device__ __forceinline__ A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// exp(m - mm) for merging a softmax state of running max m into one of max mm >= m; an empty state
+// (m = -inf) gets weight 0, also when mm is -inf too.
+template <class A>
+__device__ __forceinline__ A merge_weight(A m, A mm) {
+  return m == neg_inf<A>() ? A(0) : fexp(m - mm);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rows, groups and register fragments
+// ---------------------------------------------------------------------------------------------------
+
+// A (B, H, N, D) tensor read through its strides (in elements); the D features of a row are contiguous.
+template <class T>
+struct Rows {
+  const T* ptr;
+  int64_t sb, sh, sn;
+  __device__ __forceinline__ const T* row(int b, int h, int n) const {
+    return ptr + b * sb + h * sh + n * sn;
+  }
+};
+
+struct Geometry {
+  int B, H, N;     // batch, heads, tokens
+  int P;           // prefix tokens
+  int gh, gw;      // grid
+  int radius;      // window / 2, clamped to the grid size (the clipped window is the same)
+  int nv;          // 16-byte vectors per row
+  int row_len;     // nv * vector width: the (padded) head dim of the contiguous outputs
+  int log2g;       // lanes per group = 1 << log2g
+  int nslabs;      // slabs of G * VPL vectors per row (1: the row lives in registers)
+};
+
+struct Group {
+  int size;       // lanes in the group
+  int lane;       // lane inside the group
+  unsigned mask;  // the group's lanes within the warp
+};
+
+__device__ __forceinline__ Group make_group(int log2g) {
+  Group g;
+  g.size = 1 << log2g;
+  g.lane = static_cast<int>(threadIdx.x) & (g.size - 1);
+  const int first = (static_cast<int>(threadIdx.x) & 31) & ~(g.size - 1);
+  g.mask = g.size == 32 ? kFullMask : ((1u << g.size) - 1u) << first;
+  return g;
+}
+
+// Butterfly sum over the group's lanes; every lane gets the same (bitwise) total.
+template <class A>
+__device__ __forceinline__ A group_sum(A x, const Group& g) {
+  for (int off = g.size >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(g.mask, x, off);
+  return x;
+}
+
+template <class A>
+__device__ __forceinline__ void group_sum2(A& x, A& y, const Group& g) {
+  for (int off = g.size >> 1; off > 0; off >>= 1) {
+    x += __shfl_xor_sync(g.mask, x, off);
+    y += __shfl_xor_sync(g.mask, y, off);
+  }
+}
+
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> zero_pack() {
+  Pack<T, N> z;
+#pragma unroll
+  for (int e = 0; e < N; ++e) z.v[e] = static_cast<T>(0.0f);
+  return z;
+}
+
+// The lane's vectors v0 + i * G + lane (i < VPL) of a row; vectors past the row end read as zero.
+template <int VPL, class T, int N>
+__device__ __forceinline__ void load_row(Pack<T, N> (&r)[VPL], const T* row, int v0, int nv,
+                                         const Group& g) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int vi = v0 + i * g.size + g.lane;
+    if (vi < nv) {
+      r[i] = load_pack<T, N>(row + static_cast<int64_t>(vi) * N);
+    } else {
+      r[i] = zero_pack<T, N>();
+    }
+  }
+}
+
+template <int VPL, class T, int N, class A>
+__device__ __forceinline__ void load_row_acc(A (&f)[VPL][N], const T* row, int v0, int nv,
+                                             const Group& g) {
+  Pack<T, N> r[VPL];
+  load_row(r, row, v0, nv, g);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] = static_cast<A>(r[i].v[e]);
+  }
+}
+
+template <int VPL, int N, class A>
+__device__ __forceinline__ void zero_frag(A (&f)[VPL][N]) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] = A(0);
+  }
+}
+
+template <int VPL, int N, class A>
+__device__ __forceinline__ void scale_frag(A (&f)[VPL][N], A a) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] *= a;
+  }
+}
+
+// The lane's part of a . b (sum it over the group with group_sum).
+template <int VPL, class A, class T, int N>
+__device__ __forceinline__ A dot_frag(const A (&a)[VPL][N], const Pack<T, N> (&b)[VPL]) {
+  A s = A(0);
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) s += a[i][e] * static_cast<A>(b[i].v[e]);
+  }
+  return s;
+}
+
+// f += c * b
+template <int VPL, class A, class T, int N>
+__device__ __forceinline__ void axpy_frag(A (&f)[VPL][N], A c, const Pack<T, N> (&b)[VPL]) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] += c * static_cast<A>(b[i].v[e]);
+  }
+}
+
+// Writes mul * f to the lane's vectors of a contiguous output row.
+template <int VPL, class T, int N, class A>
+__device__ __forceinline__ void store_row(T* row, const A (&f)[VPL][N], A mul, int v0, int nv,
+                                          const Group& g) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int vi = v0 + i * g.size + g.lane;
+    if (vi < nv) {
+      Pack<T, N> o;
+#pragma unroll
+      for (int e = 0; e < N; ++e) o.v[e] = static_cast<T>(f[i][e] * mul);
+      *reinterpret_cast<Pack<T, N>*>(row + static_cast<int64_t>(vi) * N) = o;
+    }
+  }
+}
+
+// Full-row dot products a . b (and c . d) read from memory, summed over the group (slab mode).
+template <class A, class T, int N>
+__device__ __forceinline__ A dot_rows(const T* a, const T* b, int nv, const Group& g) {
+  A s = A(0);
+  for (int vi = g.lane; vi < nv; vi += g.size) {
+    const Pack<T, N> pa = load_pack<T, N>(a + static_cast<int64_t>(vi) * N);
+    const Pack<T, N> pb = load_pack<T, N>(b + static_cast<int64_t>(vi) * N);
+#pragma unroll
+    for (int e = 0; e < N; ++e) s += static_cast<A>(pa.v[e]) * static_cast<A>(pb.v[e]);
+  }
+  return group_sum(s, g);
+}
+
+template <class A, class T, int N>
+__device__ __forceinline__ void dot2_rows(A& s, A& t, const T* a, const T* b, const T* c,
+                                          const T* d, int nv, const Group& g) {
+  s = A(0);
+  t = A(0);
+  for (int vi = g.lane; vi < nv; vi += g.size) {
+    const int64_t o = static_cast<int64_t>(vi) * N;
+    const Pack<T, N> pa = load_pack<T, N>(a + o);
+    const Pack<T, N> pb = load_pack<T, N>(b + o);
+    const Pack<T, N> pc = load_pack<T, N>(c + o);
+    const Pack<T, N> pd = load_pack<T, N>(d + o);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      s += static_cast<A>(pa.v[e]) * static_cast<A>(pb.v[e]);
+      t += static_cast<A>(pc.v[e]) * static_cast<A>(pd.v[e]);
+    }
+  }
+  group_sum2(s, t, g);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Block-wide merges of per-group partial results (prefix queries). Every thread of the block calls
+// them; the result lands in the first group of warp 0 (threads 0 .. G-1). Shared memory layout:
+// [0] m, [1] l, [2] free for the caller, [3 + (i * N + e) * 32 + lane] fragments.
+// ---------------------------------------------------------------------------------------------------
+
+template <int VPL, int N>
+__host__ __device__ constexpr int smem_size() {
+  return 3 + VPL * N * 32;
+}
+
+template <class A>
+__device__ __forceinline__ void merge_state(A& m, A& l, A m2, A l2, A& a, A& b) {
+  const A mm = m2 > m ? m2 : m;
+  a = merge_weight(m, mm);
+  b = merge_weight(m2, mm);
+  l = l * a + l2 * b;
+  m = mm;
+}
+
+// Merges online-softmax states (running max m, sum l, weighted value sum f).
+template <int VPL, int N, class A>
+__device__ void block_merge_softmax(A& m, A& l, A (&f)[VPL][N], const Group& g, A* smem) {
+  for (int off = g.size; off < 32; off <<= 1) {
+    const A m2 = __shfl_xor_sync(kFullMask, m, off);
+    const A l2 = __shfl_xor_sync(kFullMask, l, off);
+    A a, b;
+    merge_state(m, l, m2, l2, a, b);
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const A f2 = __shfl_xor_sync(kFullMask, f[i][e], off);
+        f[i][e] = f[i][e] * a + f2 * b;
+      }
+    }
+  }
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  for (int w = 1; w < kWarps; ++w) {
+    if (warp == w && lane < g.size) {
+      if (lane == 0) {
+        smem[0] = m;
+        smem[1] = l;
+      }
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) smem[3 + (i * N + e) * 32 + lane] = f[i][e];
+      }
+    }
+    __syncthreads();
+    if (warp == 0 && lane < g.size) {
+      A a, b;
+      merge_state(m, l, smem[0], smem[1], a, b);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) f[i][e] = f[i][e] * a + smem[3 + (i * N + e) * 32 + lane] * b;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <int VPL, int N, class A>
+__device__ void block_sum(A (&f)[VPL][N], const Group& g, A* smem) {
+  for (int off = g.size; off < 32; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) f[i][e] += __shfl_xor_sync(kFullMask, f[i][e], off);
+    }
+  }
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  for (int w = 1; w < kWarps; ++w) {
+    if (warp == w && lane < g.size) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) smem[3 + (i * N + e) * 32 + lane] = f[i][e];
+      }
+    }
+    __syncthreads();
+    if (warp == 0 && lane < g.size) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) f[i][e] += smem[3 + (i * N + e) * 32 + lane];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Position of grid query / key number `cell` and its clipped window [y0, y1] x [x0, x1].
+struct Window {
+  int y0, y1, x0, x1;
+  __device__ __forceinline__ Window(const Geometry& geo, int cell) {
+    const int y = cell / geo.gw;
+    const int x = cell - y * geo.gw;
+    y0 = max(y - geo.radius, 0);
+    y1 = min(y + geo.radius, geo.gh - 1);
+    x0 = max(x - geo.radius, 0);
+    x1 = min(x + geo.radius, geo.gw - 1);
+  }
+  __device__ __forceinline__ int count() const { return (y1 - y0 + 1) * (x1 - x0 + 1); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
+
+template <class T>
+struct FwdParams {
+  Rows<T> q, k, v;
+  T* out;                        // (B, H, N, row_len) contiguous
+  typename Traits<T>::acc* lse;  // (B, H, N) contiguous
+  Geometry geo;
+  typename Traits<T>::acc scale;
+  typename Traits<T>::acc window_area;  // window * window
+  bool zero_border;
+  int prefix_blocks;     // B * H * P: the first blocks of the launch
+  int64_t grid_queries;  // B * H * gh * gw
+};
+
+template <class T, int VPL, bool SINGLE>
+__device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Geometry& geo = p.geo;
+  const int64_t qi = static_cast<int64_t>(static_cast<int>(blockIdx.x) - p.prefix_blocks) *
+                         (kThreads >> geo.log2g) +
+                     (static_cast<int>(threadIdx.x) >> geo.log2g);
+  if (qi >= p.grid_queries) return;
+  const int cells = geo.gh * geo.gw;
+  const int bh = static_cast<int>(qi / cells);
+  const int cell = static_cast<int>(qi - static_cast<int64_t>(bh) * cells);
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const int n = geo.P + cell;
+  const Window win(geo, cell);
+  const A outside = p.zero_border ? p.window_area - static_cast<A>(win.count()) : A(0);
+  const T* qrow = p.q.row(b, h, n);
+  T* orow = p.out + (static_cast<int64_t>(bh) * geo.N + n) * geo.row_len;
+
+  // Running max and sum of the softmax, seeded with the out-of-grid score-0 terms.
+  A m = outside > A(0) ? A(0) : neg_inf<A>();
+  A l = outside;
+  A acc[VPL][N];
+  zero_frag(acc);
+
+  if constexpr (SINGLE) {
+    A qf[VPL][N];
+    load_row_acc(qf, qrow, 0, geo.nv, g);
+    for (int yy = win.y0; yy <= win.y1; ++yy) {
+      for (int xx = win.x0; xx <= win.x1; ++xx) {
+        const int nk = geo.P + yy * geo.gw + xx;
+        Pack<T, N> kr[VPL], vr[VPL];
+        load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
+        load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+        const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
+        if (s > m) {
+          const A a = fexp(m - s);
+          l *= a;
+          scale_frag(acc, a);
+          m = s;
+        }
+        const A e = fexp(s - m);
+        l += e;
+        axpy_frag(acc, e, vr);
+      }
+    }
+    store_row(orow, acc, A(1) / l, 0, geo.nv, g);
+  } else {
+    for (int yy = win.y0; yy <= win.y1; ++yy) {
+      for (int xx = win.x0; xx <= win.x1; ++xx) {
+        const int nk = geo.P + yy * geo.gw + xx;
+        const A s = dot_rows<A, T, N>(qrow, p.k.row(b, h, nk), geo.nv, g) * p.scale;
+        if (s > m) {
+          l *= fexp(m - s);
+          m = s;
+        }
+        l += fexp(s - m);
+      }
+    }
+    const A lse = m + flog(l);
+    for (int slab = 0; slab < geo.nslabs; ++slab) {
+      const int v0 = slab * g.size * VPL;
+      zero_frag(acc);
+      for (int yy = win.y0; yy <= win.y1; ++yy) {
+        for (int xx = win.x0; xx <= win.x1; ++xx) {
+          const int nk = geo.P + yy * geo.gw + xx;
+          const A s = dot_rows<A, T, N>(qrow, p.k.row(b, h, nk), geo.nv, g) * p.scale;
+          Pack<T, N> vr[VPL];
+          load_row(vr, p.v.row(b, h, nk), v0, geo.nv, g);
+          axpy_frag(acc, fexp(s - lse), vr);
+        }
+      }
+      store_row(orow, acc, A(1), v0, geo.nv, g);
+    }
+  }
+  if (g.lane == 0) p.lse[static_cast<int64_t>(bh) * geo.N + n] = m + flog(l);
+}
+
+template <class T, int VPL, bool SINGLE>
+__device__ void fwd_prefix_query(const FwdParams<T>& p, const Group& g,
+                                 typename Traits<T>::acc* smem) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Geometry& geo = p.geo;
+  const int bh = static_cast<int>(blockIdx.x) / geo.P;
+  const int t = static_cast<int>(blockIdx.x) - bh * geo.P;
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const int groups = kThreads >> geo.log2g;
+  const int first = static_cast<int>(threadIdx.x) >> geo.log2g;
+  const T* qrow = p.q.row(b, h, t);
+  T* orow = p.out + (static_cast<int64_t>(bh) * geo.N + t) * geo.row_len;
+  const bool writer = static_cast<int>(threadIdx.x) < g.size;  // first group of warp 0
+
+  A m = neg_inf<A>();
+  A l = A(0);
+  A acc[VPL][N];
+  zero_frag(acc);
+
+  if constexpr (SINGLE) {
+    A qf[VPL][N];
+    load_row_acc(qf, qrow, 0, geo.nv, g);
+    for (int j = first; j < geo.N; j += groups) {
+      Pack<T, N> kr[VPL], vr[VPL];
+      load_row(kr, p.k.row(b, h, j), 0, geo.nv, g);
+      load_row(vr, p.v.row(b, h, j), 0, geo.nv, g);
+      const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
+      if (s > m) {
+        const A a = fexp(m - s);
+        l *= a;
+        scale_frag(acc, a);
+        m = s;
+      }
+      const A e = fexp(s - m);
+      l += e;
+      axpy_frag(acc, e, vr);
+    }
+    block_merge_softmax(m, l, acc, g, smem);
+    if (writer) store_row(orow, acc, A(1) / l, 0, geo.nv, g);
+  } else {
+    for (int j = first; j < geo.N; j += groups) {
+      const A s = dot_rows<A, T, N>(qrow, p.k.row(b, h, j), geo.nv, g) * p.scale;
+      if (s > m) {
+        l *= fexp(m - s);
+        m = s;
+      }
+      l += fexp(s - m);
+    }
+    A none[1][1] = {{A(0)}};
+    block_merge_softmax(m, l, none, g, smem);
+    if (threadIdx.x == 0) smem[2] = m + flog(l);
+    __syncthreads();
+    const A lse = smem[2];
+    for (int slab = 0; slab < geo.nslabs; ++slab) {
+      const int v0 = slab * g.size * VPL;
+      zero_frag(acc);
+      for (int j = first; j < geo.N; j += groups) {
+        const A s = dot_rows<A, T, N>(qrow, p.k.row(b, h, j), geo.nv, g) * p.scale;
+        Pack<T, N> vr[VPL];
+        load_row(vr, p.v.row(b, h, j), v0, geo.nv, g);
+        axpy_frag(acc, fexp(s - lse), vr);
+      }
+      block_sum(acc, g, smem);
+      if (writer) store_row(orow, acc, A(1), v0, geo.nv, g);
+    }
+  }
+  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(bh) * geo.N + t] = m + flog(l);
+}
+
+template <class T, int VPL, bool SINGLE>
+__global__ void __launch_bounds__(kThreads) local_attn_fwd_kernel(const FwdParams<T> p) {
+  using A = typename Traits<T>::acc;
+  __shared__ A smem[smem_size<VPL, Traits<T>::vec>()];
+  const Group g = make_group(p.geo.log2g);
+  if (static_cast<int>(blockIdx.x) < p.prefix_blocks) {
+    fwd_prefix_query<T, VPL, SINGLE>(p, g, smem);
+  } else {
+    fwd_grid_query<T, VPL, SINGLE>(p, g);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------
+
+// delta_i = dO_i . O_i for every query.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    local_attn_delta_kernel(const Rows<T> dout, const Rows<T> out, typename Traits<T>::acc* delta,
+                            const Geometry geo, const int64_t rows) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Group g = make_group(geo.log2g);
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads >> geo.log2g) +
+                    (static_cast<int>(threadIdx.x) >> geo.log2g);
+  if (r >= rows) return;
+  const int bh = static_cast<int>(r / geo.N);
+  const int n = static_cast<int>(r - static_cast<int64_t>(bh) * geo.N);
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const A d = dot_rows<A, T, N>(dout.row(b, h, n), out.row(b, h, n), geo.nv, g);
+  if (g.lane == 0) delta[r] = d;
+}
+
+template <class T>
+struct BwdParams {
+  Rows<T> q, k, v, dout;
+  const typename Traits<T>::acc* lse;    // (B, H, N) contiguous
+  const typename Traits<T>::acc* delta;  // (B, H, N) contiguous
+  T* dq;                                 // (B, H, N, row_len) contiguous, as dk and dv
+  T* dk;
+  T* dv;
+  Geometry geo;
+  typename Traits<T>::acc scale;
+  int prefix_blocks;     // dq launch: B * H * P blocks of prefix queries first
+  int64_t grid_queries;  // dq launch: B * H * gh * gw
+  int64_t keys;          // dk/dv launch: B * H * N
+};
+
+// dq_i = scale * sum_j p_ij (dO_i . v_j - delta_i) k_j over the window of grid query i.
+template <class T, int VPL, bool SINGLE>
+__device__ void dq_grid_query(const BwdParams<T>& p, const Group& g) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Geometry& geo = p.geo;
+  const int64_t qi = static_cast<int64_t>(static_cast<int>(blockIdx.x) - p.prefix_blocks) *
+                         (kThreads >> geo.log2g) +
+                     (static_cast<int>(threadIdx.x) >> geo.log2g);
+  if (qi >= p.grid_queries) return;
+  const int cells = geo.gh * geo.gw;
+  const int bh = static_cast<int>(qi / cells);
+  const int cell = static_cast<int>(qi - static_cast<int64_t>(bh) * cells);
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const int n = geo.P + cell;
+  const Window win(geo, cell);
+  const int64_t stat = static_cast<int64_t>(bh) * geo.N + n;
+  const A lse = p.lse[stat];
+  const A delta = p.delta[stat];
+  const T* qrow = p.q.row(b, h, n);
+  const T* dorow = p.dout.row(b, h, n);
+  T* dqrow = p.dq + stat * geo.row_len;
+  A acc[VPL][N];
+
+  if constexpr (SINGLE) {
+    A qf[VPL][N], dof[VPL][N];
+    load_row_acc(qf, qrow, 0, geo.nv, g);
+    load_row_acc(dof, dorow, 0, geo.nv, g);
+    zero_frag(acc);
+    for (int yy = win.y0; yy <= win.y1; ++yy) {
+      for (int xx = win.x0; xx <= win.x1; ++xx) {
+        const int nk = geo.P + yy * geo.gw + xx;
+        Pack<T, N> kr[VPL], vr[VPL];
+        load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
+        load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+        A s = dot_frag(qf, kr);
+        A dp = dot_frag(dof, vr);
+        group_sum2(s, dp, g);
+        const A pr = fexp(s * p.scale - lse);
+        axpy_frag(acc, pr * (dp - delta), kr);
+      }
+    }
+    store_row(dqrow, acc, p.scale, 0, geo.nv, g);
+  } else {
+    for (int slab = 0; slab < geo.nslabs; ++slab) {
+      const int v0 = slab * g.size * VPL;
+      zero_frag(acc);
+      for (int yy = win.y0; yy <= win.y1; ++yy) {
+        for (int xx = win.x0; xx <= win.x1; ++xx) {
+          const int nk = geo.P + yy * geo.gw + xx;
+          const T* krow = p.k.row(b, h, nk);
+          A s, dp;
+          dot2_rows<A, T, N>(s, dp, qrow, krow, dorow, p.v.row(b, h, nk), geo.nv, g);
+          const A pr = fexp(s * p.scale - lse);
+          Pack<T, N> kr[VPL];
+          load_row(kr, krow, v0, geo.nv, g);
+          axpy_frag(acc, pr * (dp - delta), kr);
+        }
+      }
+      store_row(dqrow, acc, p.scale, v0, geo.nv, g);
+    }
+  }
+}
+
+// dq of a prefix query: its block's groups share out all N keys, then their sums are added in order.
+template <class T, int VPL, bool SINGLE>
+__device__ void dq_prefix_query(const BwdParams<T>& p, const Group& g,
+                                typename Traits<T>::acc* smem) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Geometry& geo = p.geo;
+  const int bh = static_cast<int>(blockIdx.x) / geo.P;
+  const int t = static_cast<int>(blockIdx.x) - bh * geo.P;
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const int groups = kThreads >> geo.log2g;
+  const int first = static_cast<int>(threadIdx.x) >> geo.log2g;
+  const int64_t stat = static_cast<int64_t>(bh) * geo.N + t;
+  const A lse = p.lse[stat];
+  const A delta = p.delta[stat];
+  const T* qrow = p.q.row(b, h, t);
+  const T* dorow = p.dout.row(b, h, t);
+  T* dqrow = p.dq + stat * geo.row_len;
+  const bool writer = static_cast<int>(threadIdx.x) < g.size;
+  A acc[VPL][N];
+
+  if constexpr (SINGLE) {
+    A qf[VPL][N], dof[VPL][N];
+    load_row_acc(qf, qrow, 0, geo.nv, g);
+    load_row_acc(dof, dorow, 0, geo.nv, g);
+    zero_frag(acc);
+    for (int j = first; j < geo.N; j += groups) {
+      Pack<T, N> kr[VPL], vr[VPL];
+      load_row(kr, p.k.row(b, h, j), 0, geo.nv, g);
+      load_row(vr, p.v.row(b, h, j), 0, geo.nv, g);
+      A s = dot_frag(qf, kr);
+      A dp = dot_frag(dof, vr);
+      group_sum2(s, dp, g);
+      const A pr = fexp(s * p.scale - lse);
+      axpy_frag(acc, pr * (dp - delta), kr);
+    }
+    block_sum(acc, g, smem);
+    if (writer) store_row(dqrow, acc, p.scale, 0, geo.nv, g);
+  } else {
+    for (int slab = 0; slab < geo.nslabs; ++slab) {
+      const int v0 = slab * g.size * VPL;
+      zero_frag(acc);
+      for (int j = first; j < geo.N; j += groups) {
+        const T* krow = p.k.row(b, h, j);
+        A s, dp;
+        dot2_rows<A, T, N>(s, dp, qrow, krow, dorow, p.v.row(b, h, j), geo.nv, g);
+        const A pr = fexp(s * p.scale - lse);
+        Pack<T, N> kr[VPL];
+        load_row(kr, krow, v0, geo.nv, g);
+        axpy_frag(acc, pr * (dp - delta), kr);
+      }
+      block_sum(acc, g, smem);
+      if (writer) store_row(dqrow, acc, p.scale, v0, geo.nv, g);
+    }
+  }
+}
+
+template <class T, int VPL, bool SINGLE>
+__global__ void __launch_bounds__(kThreads) local_attn_dq_kernel(const BwdParams<T> p) {
+  using A = typename Traits<T>::acc;
+  __shared__ A smem[smem_size<VPL, Traits<T>::vec>()];
+  const Group g = make_group(p.geo.log2g);
+  if (static_cast<int>(blockIdx.x) < p.prefix_blocks) {
+    dq_prefix_query<T, VPL, SINGLE>(p, g, smem);
+  } else {
+    dq_grid_query<T, VPL, SINGLE>(p, g);
+  }
+}
+
+// dv_j = sum_i p_ij dO_i and dk_j = scale * sum_i p_ij (dO_i . v_j - delta_i) q_i over the queries i
+// that see key j: the grid queries in the window around a grid key, then every prefix query.
+template <class T, int VPL, bool SINGLE>
+__global__ void __launch_bounds__(kThreads) local_attn_dkdv_kernel(const BwdParams<T> p) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  const Geometry& geo = p.geo;
+  const Group g = make_group(geo.log2g);
+  const int64_t kj = static_cast<int64_t>(blockIdx.x) * (kThreads >> geo.log2g) +
+                     (static_cast<int>(threadIdx.x) >> geo.log2g);
+  if (kj >= p.keys) return;
+  const int bh = static_cast<int>(kj / geo.N);
+  const int n = static_cast<int>(kj - static_cast<int64_t>(bh) * geo.N);
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  const int64_t stat0 = static_cast<int64_t>(bh) * geo.N;
+  const T* krow = p.k.row(b, h, n);
+  const T* vrow = p.v.row(b, h, n);
+  T* dkrow = p.dk + kj * geo.row_len;
+  T* dvrow = p.dv + kj * geo.row_len;
+  // Grid queries that see a grid key: the same clipped square around it (the window is symmetric).
+  const bool grid_key = n >= geo.P;
+  const Window win(geo, grid_key ? n - geo.P : 0);
+  A dk[VPL][N], dv[VPL][N];
+
+  if constexpr (SINGLE) {
+    A kf[VPL][N], vf[VPL][N];
+    load_row_acc(kf, krow, 0, geo.nv, g);
+    load_row_acc(vf, vrow, 0, geo.nv, g);
+    zero_frag(dk);
+    zero_frag(dv);
+    auto visit = [&](int nq) {
+      Pack<T, N> qr[VPL], dor[VPL];
+      load_row(qr, p.q.row(b, h, nq), 0, geo.nv, g);
+      load_row(dor, p.dout.row(b, h, nq), 0, geo.nv, g);
+      A s = dot_frag(kf, qr);
+      A dp = dot_frag(vf, dor);
+      group_sum2(s, dp, g);
+      const A pr = fexp(s * p.scale - p.lse[stat0 + nq]);
+      axpy_frag(dv, pr, dor);
+      axpy_frag(dk, pr * (dp - p.delta[stat0 + nq]), qr);
+    };
+    if (grid_key) {
+      for (int yy = win.y0; yy <= win.y1; ++yy) {
+        for (int xx = win.x0; xx <= win.x1; ++xx) visit(geo.P + yy * geo.gw + xx);
+      }
+    }
+    for (int t = 0; t < geo.P; ++t) visit(t);
+    store_row(dkrow, dk, p.scale, 0, geo.nv, g);
+    store_row(dvrow, dv, A(1), 0, geo.nv, g);
+  } else {
+    for (int slab = 0; slab < geo.nslabs; ++slab) {
+      const int v0 = slab * g.size * VPL;
+      zero_frag(dk);
+      zero_frag(dv);
+      auto visit = [&](int nq) {
+        const T* qrow = p.q.row(b, h, nq);
+        const T* dorow = p.dout.row(b, h, nq);
+        A s, dp;
+        dot2_rows<A, T, N>(s, dp, krow, qrow, vrow, dorow, geo.nv, g);
+        const A pr = fexp(s * p.scale - p.lse[stat0 + nq]);
+        Pack<T, N> qr[VPL], dor[VPL];
+        load_row(qr, qrow, v0, geo.nv, g);
+        load_row(dor, dorow, v0, geo.nv, g);
+        axpy_frag(dv, pr, dor);
+        axpy_frag(dk, pr * (dp - p.delta[stat0 + nq]), qr);
+      };
+      if (grid_key) {
+        for (int yy = win.y0; yy <= win.y1; ++yy) {
+          for (int xx = win.x0; xx <= win.x1; ++xx) visit(geo.P + yy * geo.gw + xx);
+        }
+      }
+      for (int t = 0; t < geo.P; ++t) visit(t);
+      store_row(dkrow, dk, p.scale, v0, geo.nv, g);
+      store_row(dvrow, dv, A(1), v0, geo.nv, g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------------
+
+int ceil_log2(int64_t x) {
+  int r = 0;
+  while ((int64_t{1} << r) < x) ++r;
+  return r;
+}
+
+// Vectors per lane, group size and slabs for rows of nv vectors.
+struct Plan {
+  int nv, log2g, vpl, nslabs;
+  bool single() const { return nslabs == 1; }
+};
+
+Plan make_plan(int64_t nv, int max_vpl) {
+  Plan plan;
+  plan.nv = static_cast<int>(nv);
+  if (nv <= 32) {
+    plan.log2g = ceil_log2(nv);
+    plan.vpl = 1;
+  } else {
+    plan.log2g = 5;
+    const int64_t need = (nv + 31) / 32;
+    plan.vpl = need <= 4 ? static_cast<int>(need) : 8;
+    if (plan.vpl > max_vpl) plan.vpl = max_vpl;
+  }
+  const int64_t per_slab = (int64_t{1} << plan.log2g) * plan.vpl;
+  plan.nslabs = static_cast<int>((nv + per_slab - 1) / per_slab);
+  return plan;
+}
+
+// Calls f(std::integral_constant<int, VPL>, std::bool_constant<SINGLE>) for the plan.
+template <class T, class F>
+void with_plan(const Plan& plan, F&& f) {
+  constexpr int kMax = Traits<T>::max_vpl;
+  if (!plan.single()) {
+    TORCH_INTERNAL_ASSERT(plan.vpl == kMax, "local_attn: slab mode expects ", kMax, " vectors per lane");
+    f(std::integral_constant<int, kMax>{}, std::false_type{});
+    return;
+  }
+  switch (plan.vpl) {
+    case 1:
+      f(std::integral_constant<int, 1>{}, std::true_type{});
+      return;
+    case 2:
+      f(std::integral_constant<int, 2>{}, std::true_type{});
+      return;
+    case 3:
+      f(std::integral_constant<int, 3>{}, std::true_type{});
+      return;
+    case 4:
+      f(std::integral_constant<int, 4>{}, std::true_type{});
+      return;
+    case 8:
+      if constexpr (kMax >= 8) {
+        f(std::integral_constant<int, 8>{}, std::true_type{});
+        return;
+      }
+      break;
+    default:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "local_attn: unsupported vectors per lane ", plan.vpl);
+}
+
+// True when the kernels can read t directly: unit feature stride, 16-byte aligned rows.
+bool rows_vector_ready(const at::Tensor& t, int vec) {
+  if (t.stride(3) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) != 1 && t.stride(d) % vec != 0) return false;
+  }
+  return true;
+}
+
+// t itself, or a contiguous copy zero-padded to row_len features when t cannot be read directly.
+at::Tensor vector_rows(const at::Tensor& t, int64_t row_len, int vec) {
+  if (t.size(3) == row_len && rows_vector_ready(t, vec)) return t;
+  at::Tensor c = t.size(3) == row_len
+                     ? at::empty({t.size(0), t.size(1), t.size(2), row_len}, t.options())
+                     : at::zeros({t.size(0), t.size(1), t.size(2), row_len}, t.options());
+  c.narrow(3, 0, t.size(3)).copy_(t);
+  return c;
+}
+
+template <class T>
+Rows<T> rows_of(const at::Tensor& t) {
+  // A size-1 dim is never stepped through; its stride may be anything, so it is passed as 0.
+  auto stride = [&](int d) { return t.size(d) == 1 ? int64_t{0} : t.stride(d); };
+  return Rows<T>{t.data_ptr<T>(), stride(0), stride(1), stride(2)};
+}
+
+void check_cuda_inputs(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "local_attn (CUDA): q must be a CUDA tensor, got ", q.device());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+              "local_attn (CUDA): q must be float16, bfloat16, float32 or float64, got ", st);
+}
+
+// Fills the shape part of the geometry and checks the index ranges the kernels use 32-bit ints for.
+Geometry make_geometry(const at::Tensor& q, int64_t grid_h, int64_t grid_w, int64_t window,
+                       int64_t num_prefix, const Plan& plan, int vec) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(B * H <= kIntMax && N <= kIntMax,
+              "local_attn (CUDA): batch * heads and N must fit 32-bit ints, got B=", B, ", heads=", H,
+              ", N=", N);
+  Geometry geo;
+  geo.B = static_cast<int>(B);
+  geo.H = static_cast<int>(H);
+  geo.N = static_cast<int>(N);
+  geo.P = static_cast<int>(num_prefix);
+  geo.gh = static_cast<int>(grid_h);
+  geo.gw = static_cast<int>(grid_w);
+  geo.radius = static_cast<int>(std::min<int64_t>(window / 2, std::max(grid_h, grid_w)));
+  geo.nv = plan.nv;
+  geo.row_len = plan.nv * vec;
+  geo.log2g = plan.log2g;
+  geo.nslabs = plan.nslabs;
+  return geo;
+}
+
+int launch_blocks(int64_t items, int log2g) {
+  const int64_t per_block = kThreads >> log2g;
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many rows (", items,
+              ") for one launch");
+  return static_cast<int>(blocks);
+}
+
+at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> local_attn_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, int64_t grid_h,
+                                                       int64_t grid_w, int64_t window,
+                                                       int64_t num_prefix, bool zero_border,
+                                                       double scale) {
+  check_local_attn_args(q_in, k_in, v_in, grid_h, grid_w, window, num_prefix);
+  check_cuda_inputs(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
+  at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(acc_dtype(q_in.scalar_type())));
+  if (B * H == 0) return {at::empty({B, H, N, D}, q_in.options()), lse};
+  at::Tensor out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "local_attn_fwd_cuda",
+                                  [&] {
+    using T = scalar_t;
+    using A = typename Traits<T>::acc;
+    constexpr int vec = Traits<T>::vec;
+    const int64_t row_len = (D + vec - 1) / vec * vec;
+    const at::Tensor q = vector_rows(q_in, row_len, vec);
+    const at::Tensor k = vector_rows(k_in, row_len, vec);
+    const at::Tensor v = vector_rows(v_in, row_len, vec);
+    const Plan plan = make_plan(row_len / vec, Traits<T>::max_vpl);
+    out = at::empty({B, H, N, row_len}, q_in.options());
+
+    FwdParams<T> p;
+    p.q = rows_of<T>(q);
+    p.k = rows_of<T>(k);
+    p.v = rows_of<T>(v);
+    p.out = out.data_ptr<T>();
+    p.lse = lse.data_ptr<A>();
+    p.geo = make_geometry(q, grid_h, grid_w, window, num_prefix, plan, vec);
+    p.scale = static_cast<A>(scale);
+    p.window_area = static_cast<A>(static_cast<double>(window) * static_cast<double>(window));
+    p.zero_border = zero_border;
+    p.grid_queries = B * H * grid_h * grid_w;
+    const int64_t prefix_blocks = B * H * num_prefix;
+    TORCH_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
+                "local_attn (CUDA): too many prefix queries (", prefix_blocks, ")");
+    p.prefix_blocks = static_cast<int>(prefix_blocks);
+    const int64_t blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
+    TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    with_plan<T>(plan, [&](auto vpl, auto single) {
+      local_attn_fwd_kernel<T, decltype(vpl)::value, decltype(single)::value>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+
+  if (out.size(3) != D) out = out.narrow(3, 0, D).contiguous();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attn_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t grid_h,
+    int64_t grid_w, int64_t window, int64_t num_prefix, bool zero_border, double scale) {
+  (void)zero_border;  // the border only enters through lse, which already holds its terms
+  check_local_attn_args(q_in, k_in, v_in, grid_h, grid_w, window, num_prefix);
+  check_cuda_inputs(q_in);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "local_attn_bwd: grad_out and out must have q's shape ", q_in.sizes(), ", got ",
+              grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
+                  out_in.scalar_type() == q_in.scalar_type(),
+              "local_attn_bwd: grad_out and out must have q's dtype ", q_in.scalar_type(), ", got ",
+              grad_out_in.scalar_type(), " and ", out_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
+  const at::ScalarType acc = acc_dtype(q_in.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == N,
+              "local_attn_bwd: lse must have shape (B, heads, N) = (", B, ", ", H, ", ", N, "), got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == acc, "local_attn_bwd: lse must have dtype ", acc, ", got ",
+              lse_in.scalar_type());
+  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
+    TORCH_CHECK(t->device() == q_in.device(), "local_attn_bwd: grad_out, out and lse must be on ",
+                q_in.device(), ", got ", t->device());
+  }
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  if (B * H == 0) {
+    return {at::empty_like(q_in, at::MemoryFormat::Contiguous),
+            at::empty_like(q_in, at::MemoryFormat::Contiguous),
+            at::empty_like(q_in, at::MemoryFormat::Contiguous)};
+  }
+  at::Tensor dq, dk, dv;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "local_attn_bwd_cuda",
+                                  [&] {
+    using T = scalar_t;
+    using A = typename Traits<T>::acc;
+    constexpr int vec = Traits<T>::vec;
+    const int64_t row_len = (D + vec - 1) / vec * vec;
+    const at::Tensor q = vector_rows(q_in, row_len, vec);
+    const at::Tensor k = vector_rows(k_in, row_len, vec);
+    const at::Tensor v = vector_rows(v_in, row_len, vec);
+    const at::Tensor dout = vector_rows(grad_out_in, row_len, vec);
+    const at::Tensor out = vector_rows(out_in, row_len, vec);
+    const at::Tensor lse = lse_in.contiguous();
+    const Plan plan = make_plan(row_len / vec, Traits<T>::max_vpl);
+    const at::Tensor delta = at::empty({B, H, N}, q_in.options().dtype(acc));
+    dq = at::empty({B, H, N, row_len}, q_in.options());
+    dk = at::empty({B, H, N, row_len}, q_in.options());
+    dv = at::empty({B, H, N, row_len}, q_in.options());
+
+    BwdParams<T> p;
+    p.q = rows_of<T>(q);
+    p.k = rows_of<T>(k);
+    p.v = rows_of<T>(v);
+    p.dout = rows_of<T>(dout);
+    p.lse = lse.data_ptr<A>();
+    p.delta = delta.data_ptr<A>();
+    p.dq = dq.data_ptr<T>();
+    p.dk = dk.data_ptr<T>();
+    p.dv = dv.data_ptr<T>();
+    p.geo = make_geometry(q, grid_h, grid_w, window, num_prefix, plan, vec);
+    p.scale = static_cast<A>(scale);
+    p.grid_queries = B * H * grid_h * grid_w;
+    p.keys = B * H * N;
+    const int64_t prefix_blocks = B * H * num_prefix;
+    TORCH_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
+                "local_attn (CUDA): too many prefix queries (", prefix_blocks, ")");
+    p.prefix_blocks = static_cast<int>(prefix_blocks);
+    const int64_t dq_blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
+    TORCH_CHECK(dq_blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
+    const int row_blocks = launch_blocks(p.keys, plan.log2g);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+    local_attn_delta_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
+        rows_of<T>(dout), rows_of<T>(out), delta.data_ptr<A>(), p.geo, p.keys);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_plan<T>(plan, [&](auto vpl, auto single) {
+      constexpr int VPL = decltype(vpl)::value;
+      constexpr bool SINGLE = decltype(single)::value;
+      local_attn_dq_kernel<T, VPL, SINGLE><<<static_cast<unsigned>(dq_blocks), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      local_attn_dkdv_kernel<T, VPL, SINGLE><<<row_blocks, kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+
+  if (dq.size(3) != D) {
+    dq = dq.narrow(3, 0, D).contiguous();
+    dk = dk.narrow(3, 0, D).contiguous();
+    dv = dv.narrow(3, 0, D).contiguous();
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace sa2vp
+
+TORCH_LIBRARY_IMPL(sa2vp_kernels, CUDA, m) {
+  m.impl("local_attn_fwd", &sa2vp::local_attn_fwd_cuda);
+  m.impl("local_attn_bwd", &sa2vp::local_attn_bwd_cuda);
+}
