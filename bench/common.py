@@ -259,18 +259,27 @@ def _flex_block_mask(case: AttnCase, device):
 _COMPILED_FLEX = None
 
 
+def compile_for_benchmarks(fn):
+    """``torch.compile(fn)`` set up for timing: backward passes may be replayed on a retained graph (the
+    "bwd" pass), and many shapes may be compiled without Dynamo falling back to eager mode once its
+    default recompilation limit (8) is reached."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(fn, dynamic=False)
+
+
 def _compiled_flex():
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
-        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
-        # Every (shape, window) is its own compilation: keep Dynamo from falling back to the slow eager
-        # path once its default recompilation limit (8) is reached.
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = compile_for_benchmarks(flex_attention)
     return _COMPILED_FLEX
 
 
@@ -461,7 +470,7 @@ def prompt_add_workload(provider: str, case: PromptAddCase, device, *, n_sets: i
                                  module.up.weight, module.up.bias), params):
                 dst.copy_(src)
         module.train()
-        call = torch.compile(module) if provider == "unfused_compiled" else module
+        call = compile_for_benchmarks(module) if provider == "unfused_compiled" else module
 
         def forward(target, message):
             return call(target, message, case.scale)
@@ -576,6 +585,52 @@ def time_fn(fn: Callable, device, *, warmup_ms: float = 25, rep_ms: float = 100)
     return {"ms": float(statistics.median(times)), "ms_q1": float(q1), "ms_q3": float(q3), "ms_min": min(times)}
 
 
+def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 20, samples: int = 10) -> dict:
+    """Median and minimum time of ``fn`` in ms from replays of a CUDA graph of many unrolled calls.
+
+    This leaves out the host's launch and dispatch overhead, which dominates eager timings of kernels
+    that run for tens of microseconds.  The calls rotate over the input sets as ``fn`` does, so the graph
+    does not re-read one set from L2.  Raises if ``fn`` cannot be captured (a host sync, for instance).
+    """
+    dev = torch.device(device)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def capture(n):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        return graph
+
+    graph = capture(1)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    n = int(min(1000, max(1, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    del graph
+    graph = capture(n)
+    times = []
+    for _ in range(samples):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    del graph
+    return {"ms_graph": float(statistics.median(times)), "ms_graph_min": float(min(times)), "graph_calls": n}
+
+
 def peak_memory_mib(fn: Callable, device) -> dict:
     """Peak allocated CUDA memory during one call of ``fn``, total and above what was allocated before."""
     if torch.device(device).type != "cuda":
@@ -626,6 +681,19 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def source_digest() -> str:
+    """Short SHA-256 of the package and kernel sources (identifies the code where git is unavailable)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(p for pattern in ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "sa2vp_kernels/**/*.py",
+                                     "sa2vp/**/*.py") for p in ROOT.glob(pattern))
+    for path in files:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def new_results(device, source: str) -> dict:
     import sa2vp_kernels
 
@@ -649,6 +717,7 @@ def new_results(device, source: str) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "extension": sa2vp_kernels.extension_available(),
         "git": git_commit(),
+        "source_digest": source_digest(),
     }
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

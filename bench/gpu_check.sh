@@ -53,14 +53,19 @@ print("import sa2vp_kernels: ok | extension loaded:", sk.extension_available(), 
 echo "== GPU tests"
 tests_budget=$(clamp $(( $(left) - 190 )) 0 150)
 if (( tests_budget >= 20 )); then
-  per_test=""
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"
+  opts=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=90)
+  # with pytest-xdist a test that crashes the interpreter takes down one worker, not the whole run
+  "$PY" -c "import xdist" 2>/dev/null && opts+=(-n 4)
   t=$(date +%s)
-  timeout "$tests_budget" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider $per_test \
+  timeout "$tests_budget" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider ${opts[@]+"${opts[@]}"} \
     -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
   rc=$?
-  tests="$(tail -n 1 "$OUT/pytest-gpu.log") (rc $rc$( (( rc == 124 )) && echo ', cut at the time limit'), $(( $(date +%s) - t )) s)"
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu.log" | head -n 20
+  tests=$(grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)" "$OUT/pytest-gpu.log" | tail -n 1)
+  tests="${tests:-no pytest summary} (rc $rc, $(( $(date +%s) - t )) s)"
+  (( rc == 124 )) && tests="$tests, CUT at the time limit"
+  (( rc > 128 )) && tests="$tests, pytest CRASHED (signal $(( rc - 128 )))"
+  grep -E "^(FAILED|ERROR) |crashed while running|Fatal Python error" "$OUT/pytest-gpu.log" | head -n 20
 else
   tests="not run: no time left"
 fi

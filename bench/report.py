@@ -47,8 +47,11 @@ def _cell(rec: dict | None, show_bw: bool) -> str:
     if rec.get("error"):
         return "error"
     text = _fmt_ms(rec["ms"])
-    if show_bw and rec.get("bw_frac") is not None:
-        text += f" ({100 * rec['bw_frac']:.0f}%)"
+    if rec.get("ms_graph") is not None:
+        text += f" / {_fmt_ms(rec['ms_graph'])}"
+    frac = rec.get("bw_frac_graph", rec.get("bw_frac"))
+    if show_bw and frac is not None:
+        text += f" ({100 * frac:.0f}%)"
     return text
 
 
@@ -142,14 +145,17 @@ def header(results: dict) -> list:
     lines = [f"## {meta['device']} ({meta['date']})", "",
              f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
              f"Python {meta.get('python')}, {meta.get('cpu_threads')} CPU threads, "
-             f"source: {meta.get('source')}, commit {meta.get('git')}."]
+             f"source: {meta.get('source')}, commit {meta.get('git')} (sources {meta.get('source_digest')})."]
     bw = results.get("bandwidth")
+    graphs = any(r.get("ms_graph") is not None for r in results.get("records", []))
+    times = ("Cells: median ms of eager calls / of CUDA-graph replays (host launch overhead left out)"
+             if graphs else "Times are medians in ms")
     if bw:
-        lines.append(f"Measured copy bandwidth: {bw['gbps']:.0f} GB/s (bytes read + written). Times are medians "
-                     f"in ms; the percentage is the achieved fraction of that bandwidth for the fewest bytes "
-                     f"the op must move.")
+        lines.append(f"Measured copy bandwidth: {bw['gbps']:.0f} GB/s (bytes read + written). {times}; the "
+                     f"percentage is the achieved fraction of that bandwidth for the fewest bytes the op must "
+                     f"move{' (from the graph time)' if graphs else ''}.")
     else:
-        lines.append("Times are medians in ms.")
+        lines.append(f"{times}.")
     if meta.get("auto_backend"):
         lines.append(f"backend=\"auto\" resolves to {meta['auto_backend']!r} here.")
     return lines + [""]

@@ -15,7 +15,8 @@ with peak memory; windows 3/5/7; the model at 448.
 Each section gets a share of the time left when it starts and skips its remaining items once over
 it; the results file is rewritten after every measurement, so a run cut short still leaves data.
 A failing provider records its error and the run goes on.  Times are medians of
-``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets.
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets, and of
+CUDA-graph replays of many unrolled calls (``ms_graph``: the host's launch overhead left out).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Plan:
     train_steps: int = 10
     warmup_ms: float = 25
     rep_ms: float = 100
+    graph_rep_ms: float = 20  # CUDA-graph timing as well (0: eager timing only)
     copy_bytes: int = 1 << 30
     shares: dict = field(default_factory=lambda: {
         "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
@@ -127,6 +129,10 @@ class Run:
             msg += f" {record['ms']:9.4f} ms"
             if record.get("bw_frac") is not None:
                 msg += f"  {100 * record['bw_frac']:5.1f}% of copy bw"
+            if record.get("ms_graph") is not None:
+                msg += f"  graph {record['ms_graph']:8.4f} ms {100 * record.get('bw_frac_graph', 0):5.1f}%"
+            elif record.get("graph_error"):
+                msg += f"  graph: {record['graph_error'][:60]}"
             if record.get("images_per_s") is not None:
                 msg += f"  {record['images_per_s']:8.1f} img/s"
             if record.get("peak_mib") is not None:
@@ -185,17 +191,17 @@ class Run:
             except Exception as exc:
                 extra["check_error"] = _short(exc)
                 self.check_alive()
+        broken = None  # the forward itself fails: record its error for every pass without retrying
         for pass_ in passes:
             if self.over():
                 self.skip(section, f"{provider} {case.label} {pass_}", "over the section's time budget")
                 continue
             rec = {**base, "pass": pass_, **extra}
-            try:
-                fn = work.runner(pass_)
-            except common.Unavailable as exc:
-                self.skip(section, f"{provider} {case.label} {pass_}", str(exc))
+            if broken is not None:
+                self.add({**rec, "error": broken})
                 continue
             try:
+                fn = work.runner(pass_)
                 rec.update(common.time_fn(fn, self.device, warmup_ms=self.plan.warmup_ms, rep_ms=self.plan.rep_ms))
                 nbytes = case.bytes(pass_)
                 rec["bytes"] = nbytes
@@ -204,9 +210,23 @@ class Run:
                     rec["bw_frac"] = rec["gbps"] / self.copy_gbps
                 if memory:
                     rec.update(common.peak_memory_mib(fn, self.device))
+                if self.cuda and self.plan.graph_rep_ms:
+                    try:
+                        rec.update(common.time_cuda_graph(fn, self.device, rep_ms=self.plan.graph_rep_ms))
+                        if self.copy_gbps:
+                            rec["bw_frac_graph"] = nbytes / (rec["ms_graph"] * 1e-3) / 1e9 / self.copy_gbps
+                    except Exception as exc:
+                        rec["graph_error"] = _short(exc, 200)
+                        self.free()
+                        self.check_alive()
                 del fn
+            except common.Unavailable as exc:
+                self.skip(section, f"{provider} {case.label} {pass_}", str(exc))
+                continue
             except Exception as exc:
                 rec["error"] = _short(exc)
+                if rec["error"] == extra.get("check_error"):
+                    broken = rec["error"]
                 self.free()
                 self.check_alive()
             self.add(rec)
