@@ -39,6 +39,7 @@ class Plan:
     batch: int = 64
     dtype_name: str = "bfloat16"
     layouts: tuple = ((12, 64), (1, 768))
+    zero_border_layouts: tuple = ((1, 768),)  # the authors' accelerated variant: 1 head, zero border
     grid: tuple = (14, 14)
     windows: tuple = (3, 5, 7)
     scaling_grids: tuple = ((14, 14), (28, 28), (64, 64))
@@ -63,7 +64,8 @@ class Plan:
 
     @classmethod
     def tiny(cls) -> "Plan":
-        return cls(batch=2, dtype_name="float32", layouts=((4, 8), (1, 32)), grid=(4, 5), windows=(3, 5),
+        return cls(batch=2, dtype_name="float32", layouts=((4, 8), (1, 32)), zero_border_layouts=((1, 32),),
+                   grid=(4, 5), windows=(3, 5),
                    scaling_grids=((4, 5), (8, 9)), prompt_add=((2, 21, 32, 4),),
                    prompt_map=(((4, 5), (4, 5)), ((8, 10), (4, 5))), model="vit_tiny_patch16_224",
                    num_classes=10, e2e_first=((48, 2),), e2e_last=((64, 2),), infer_batch=2, warm_steps=1,
@@ -258,8 +260,8 @@ def section_bandwidth(run: Run) -> None:
     run.log(f"   device-to-device copy: {bw['gbps']:.0f} GB/s (read + write, {bw['bytes'] / 1e9:.2f} GB moved)")
 
 
-def _attn_case(run: Run, heads: int, head_dim: int, grid, window: int = 3):
-    return run.common.AttnCase(run.plan.batch, heads, head_dim, grid=tuple(grid), window=window,
+def _attn_case(run: Run, heads: int, head_dim: int, grid, window: int = 3, border: str = "clip"):
+    return run.common.AttnCase(run.plan.batch, heads, head_dim, grid=tuple(grid), window=window, border=border,
                                dtype=getattr(run.common.torch, run.plan.dtype_name))
 
 
@@ -281,9 +283,11 @@ def _attn_errors(run: Run, provider: str, case):
 
 
 def section_attention(run: Run) -> None:
+    cases = [(layout, "clip") for layout in run.plan.layouts]
+    cases += [(layout, "zero") for layout in run.plan.zero_border_layouts]
     for provider in attention_providers(run, "attention"):
-        for heads, head_dim in run.plan.layouts:
-            case = _attn_case(run, heads, head_dim, run.plan.grid)
+        for (heads, head_dim), border in cases:
+            case = _attn_case(run, heads, head_dim, run.plan.grid, border=border)
             run.measure("attention", case, provider, _attn_make(run, provider, case), run.common.PASSES,
                         errors=_attn_errors(run, provider, case), memory=True)
 
