@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sa2vp-installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo demo-kernels bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
+	$(PY) -m sa2vp train
+
+demo-kernels: install
 	$(PY) -m sa2vp_kernels.demo
 
 bench: install
