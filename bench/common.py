@@ -661,6 +661,13 @@ def device_name(device) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 
@@ -715,6 +722,7 @@ def new_results(device, source: str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "extension": sa2vp_kernels.extension_available(),
         "git": git_commit(),
         "source_digest": source_digest(),

@@ -6,6 +6,7 @@ Every benchmark reports its median to a session-wide list through the ``record``
 
 Triton kernels run under the interpreter without a GPU; the CPU suite leaves them out (the
 interpreter's speed means nothing), but importing the package must still work.
+``SA2VP_BENCH_THREADS=n`` sets torch's CPU thread count.
 """
 import os
 import shutil
@@ -24,6 +25,10 @@ import common  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _RECORDS: list = []
+# On a shared, busy machine more threads than free cores make every timing a scheduling lottery:
+# SA2VP_BENCH_THREADS=1 gives stabler numbers there (the thread count is recorded with the results).
+if os.environ.get("SA2VP_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SA2VP_BENCH_THREADS"]))
 
 
 def pytest_addoption(parser):

@@ -142,9 +142,11 @@ def ratio_table(ratios: list, passes=None) -> list:
 
 def header(results: dict) -> list:
     meta = results["meta"]
+    load = meta.get("load_avg_1m")
+    load = "" if load is None else f" (1-minute load average {load:.1f})"
     lines = [f"## {meta['device']} ({meta['date']})", "",
              f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
-             f"Python {meta.get('python')}, {meta.get('cpu_threads')} CPU threads, "
+             f"Python {meta.get('python')}, {meta.get('cpu_threads')} CPU threads{load}, "
              f"source: {meta.get('source')}, commit {meta.get('git')} (sources {meta.get('source_digest')})."]
     bw = results.get("bandwidth")
     graphs = any(r.get("ms_graph") is not None for r in results.get("records", []))
