@@ -585,7 +585,7 @@ def time_fn(fn: Callable, device, *, warmup_ms: float = 25, rep_ms: float = 100)
     return {"ms": float(statistics.median(times)), "ms_q1": float(q1), "ms_q3": float(q3), "ms_min": min(times)}
 
 
-def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 20, samples: int = 10) -> dict:
+def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 10, samples: int = 5, max_calls: int = 200) -> dict:
     """Median and minimum time of ``fn`` in ms from replays of a CUDA graph of many unrolled calls.
 
     This leaves out the host's launch and dispatch overhead, which dominates eager timings of kernels
@@ -617,7 +617,7 @@ def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 20, samples: int = 
         graph.replay()
     end.record()
     end.synchronize()
-    n = int(min(1000, max(1, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    n = int(min(max_calls, max(1, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
     del graph
     graph = capture(n)
     times = []

@@ -55,8 +55,8 @@ class Plan:
     warm_steps: int = 3
     train_steps: int = 10
     warmup_ms: float = 25
-    rep_ms: float = 100
-    graph_rep_ms: float = 20  # CUDA-graph timing as well (0: eager timing only)
+    rep_ms: float = 60
+    graph_rep_ms: float = 10  # CUDA-graph timing as well (0: eager timing only)
     copy_bytes: int = 1 << 30
     shares: dict = field(default_factory=lambda: {
         "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
