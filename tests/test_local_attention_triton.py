@@ -1,0 +1,214 @@
+"""Triton-specific checks of the local cross attention kernels (sa2vp_kernels/triton/local_attn.py).
+
+The generic backend matrix lives in test_local_attention.py. Here: tiles that straddle (batch, head)
+slices, head dims that are not powers of two (also one far wider than a tile row), windows wider than
+the grid, stride-0 and fused-projection inputs, the ops' own contracts, and on a GPU the half-precision
+accuracy, the real shapes and bitwise-reproducible backward. Without a GPU the kernels run under
+TRITON_INTERPRET=1 (tests/conftest.py), so the shapes stay small.
+"""
+import pytest
+import torch
+
+from sa2vp_kernels.reference import local_cross_attention_lse, local_cross_attention_vectorized
+from sa2vp_kernels.triton import local_attn as tla
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BORDERS = ["clip", "zero"]
+
+fwd_op = tla.local_attn_fwd_triton
+bwd_op = tla.local_attn_bwd_triton
+
+
+def _rand(*shape, dtype=torch.float64, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _qkv(B, H, N, D, dtype=torch.float64, seed=0):
+    return [_rand(B, H, N, D, dtype=dtype, seed=seed + i) for i in range(3)]
+
+
+def _reference(q, k, v, grid, window, T, border, scale, grad):
+    """Output, lse and (dq, dk, dv) of the vectorised reference (autograd) on the given inputs."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = local_cross_attention_vectorized(q, k, v, grid, window, T, border, scale)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    lse = local_cross_attention_lse(q.detach(), k.detach(), grid, window, T, border, scale)
+    return out.detach(), lse, grads
+
+
+def _run(q, k, v, grid, window, T, border, scale, grad):
+    args = (grid[0], grid[1], window, T, border == "zero", scale)
+    out, lse = fwd_op(q, k, v, *args)
+    grads = bwd_op(grad, q, k, v, out, lse, *args)
+    return out, lse, grads
+
+
+def _assert_matches_reference(q, k, v, grid, window, T, border, scale=None, tol=1e-10, seed=9):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    grad = _rand(*q.shape, dtype=q.dtype, seed=seed)
+    out, lse, grads = _run(q, k, v, grid, window, T, border, scale, grad)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, grid, window, T, border, scale, grad)
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# (B, heads, grid, window, num_prefix, head_dim). Block sizes come from the head dim: in float64,
+# D = 8 gives 64-position tiles over a 210-position (batch * heads * grid) index, D = 130 (padded to
+# 256) 2- and 4-position tiles, D = 768 (padded to 1024) 1- and 2-position tiles that split 15-position
+# slices and 3-token prefixes across programs.
+TILE_CASES = [
+    (3, 2, (5, 7), 3, 1, 8),
+    (1, 2, (4, 3), 5, 1, 130),
+    (1, 2, (3, 5), 3, 3, 768),
+    (2, 1, (7, 7), 5, 0, 40),
+    (1, 3, (2, 3), 1, 3, 24),
+    (2, 1, (1, 1), 3, 1, 24),
+]
+
+
+def _case_id(case):
+    B, H, grid, window, T, D = case
+    return f"B{B}-H{H}-g{grid[0]}x{grid[1]}-w{window}-T{T}-D{D}"
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
+def test_tiles_and_head_dims_match_reference(case, border):
+    B, H, grid, window, T, D = case
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=1)
+    _assert_matches_reference(q, k, v, grid, window, T, border)
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("grid,window", [((2, 3), 9), ((1, 1), 7), ((1, 6), 5), ((4, 1), 3)])
+def test_window_wider_than_grid(grid, window, border):
+    # Only in-grid offsets are visited; with border="zero" the rest enter the softmax in closed form.
+    q, k, v = _qkv(2, 1, 1 + grid[0] * grid[1], 8, seed=2)
+    _assert_matches_reference(q, k, v, grid, window, 1, border, scale=0.9)
+
+
+def test_stride_zero_queries_and_fused_projection_views():
+    # Queries shared by the batch (stride 0, like SA2VP's prompt map), keys and values as views of a
+    # fused projection laid out (B, N, heads, 2, D): no stride is the contiguous one.
+    B, H, T, grid, D = 3, 2, 2, (3, 4), 24
+    N = T + grid[0] * grid[1]
+    q = _rand(1, H, N, D, seed=3).expand(B, H, N, D)
+    kv = _rand(B, N, H, 2, D, seed=4)
+    k, v = kv.permute(3, 0, 2, 1, 4).unbind(0)
+    assert q.stride(0) == 0 and k.stride(2) == 2 * H * D
+    for border in BORDERS:
+        _assert_matches_reference(q, k, v, grid, 3, T, border)
+
+
+@pytest.mark.parametrize(
+    "grid,window,T,H,D,border",
+    [((2, 3), 3, 1, 1, 8, "zero"), ((1, 1), 5, 3, 1, 8, "clip"), ((5, 4), 5, 0, 3, 8, "clip"),
+     ((3, 3), 3, 2, 2, 24, "zero")],
+)
+def test_gradcheck_float64(grid, window, T, H, D, border):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, H, T + grid[0] * grid[1], D, seed=5))
+
+    def fn(q, k, v):
+        return fwd_op(q, k, v, grid[0], grid[1], window, T, border == "zero", 0.6)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_output_contracts():
+    B, H, T, grid, D = 2, 2, 1, (2, 3), 8
+    N = T + grid[0] * grid[1]
+    qkv = _rand(B, N, 3, H, D, dtype=torch.float32, seed=6)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out, lse = fwd_op(q, k, v, *grid, 3, T, False, D ** -0.5)
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == q.shape
+    assert lse.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (B, H, N)
+    # A gradient with a zero stride in every dim (as autograd hands out for a summed output).
+    grad = torch.ones((), dtype=torch.float32, device=DEVICE).expand(B, H, N, D)
+    grads = bwd_op(grad, q, k, v, out, lse, *grid, 3, T, False, D ** -0.5)
+    ref = _reference(q.double(), k.double(), v.double(), grid, 3, T, "clip", D ** -0.5,
+                     grad.double())[2]
+    for got, want in zip(grads, ref):
+        assert got.is_contiguous() and got.dtype == torch.float32 and got.shape == q.shape
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_reject_bad_arguments():
+    q, k, v = _qkv(1, 1, 7, 8)
+    with pytest.raises(ValueError, match="unit stride"):
+        fwd_op(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2), 2, 3, 3, 1, False, 0.3)
+    with pytest.raises(ValueError, match="tokens"):
+        fwd_op(q, k, v, 2, 2, 3, 1, False, 0.3)
+    with pytest.raises(ValueError, match="odd window"):
+        fwd_op(q, k, v, 2, 3, 4, 1, False, 0.3)
+    out, lse = fwd_op(q, k, v, 2, 3, 3, 1, False, 0.3)
+    with pytest.raises(ValueError, match="lse"):
+        bwd_op(out, q, k, v, out, lse[..., :3], 2, 3, 3, 1, False, 0.3)
+
+
+def test_opcheck_triton_ops():
+    q, k, v = _qkv(1, 2, 1 + 6, 8, dtype=torch.float32, seed=7)
+    args = (2, 3, 3, 1, True, 0.4)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(fwd_op, (q, k, v, *args), test_utils=utils)
+    out, lse = fwd_op(q, k, v, *args)
+    torch.library.opcheck(bwd_op, (torch.randn_like(out), q, k, v, out, lse, *args), test_utils=utils)
+
+
+# ---- GPU: half precision, real shapes, reproducibility -------------------------------------------
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _low_precision_check(B, H, grid, T, D, dtype, border, seed=0):
+    """Errors of the kernels and of the vectorised reference in ``dtype``, both against float64."""
+    N = T + grid[0] * grid[1]
+    q, k, v = _qkv(B, H, N, D, dtype=dtype, seed=seed)
+    grad = _rand(B, H, N, D, dtype=dtype, seed=seed + 3)
+    scale = D ** -0.5
+    out, lse, grads = _run(q, k, v, grid, 3, T, border, scale, grad)
+    exact = _reference(q.double(), k.double(), v.double(), grid, 3, T, border, scale, grad.double())
+    plain = _reference(q, k, v, grid, 3, T, border, scale, grad)
+    torch.testing.assert_close(lse.double(), exact[1], rtol=1e-4, atol=1e-4)
+    for got, want, base in zip((out, *grads), (exact[0], *exact[2]), (plain[0], *plain[2])):
+        assert got.dtype == dtype
+        assert torch.isfinite(got).all()
+        assert _max_err(got, want) <= 2 * _max_err(base, want) + 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768), (3, 40)], ids=["12x64", "1x768", "3x40"])
+@pytest.mark.parametrize("border", BORDERS)
+def test_gpu_low_precision_against_float64(dtype, heads, head_dim, border):
+    _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768)], ids=["12x64", "1x768"])
+def test_gpu_vit_base_batch_64(heads, head_dim):
+    _low_precision_check(64, heads, (14, 14), 1, head_dim, torch.bfloat16, "clip", seed=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("border", BORDERS)
+def test_gpu_large_grid(border):
+    _low_precision_check(2, 4, (64, 64), 1, 64, torch.bfloat16, border, seed=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768)], ids=["12x64", "1x768"])
+def test_gpu_backward_is_bitwise_reproducible(heads, head_dim):
+    B, T, grid = 64, 1, (14, 14)
+    N = T + grid[0] * grid[1]
+    q, k, v = _qkv(B, heads, N, head_dim, dtype=torch.bfloat16, seed=30)
+    grad = _rand(B, heads, N, head_dim, dtype=torch.bfloat16, seed=33)
+    first = _run(q, k, v, grid, 3, T, "clip", head_dim ** -0.5, grad)
+    second = _run(q, k, v, grid, 3, T, "clip", head_dim ** -0.5, grad)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
