@@ -13,9 +13,10 @@
 
 namespace sa2vp {
 
-// Validates the arguments shared by every backend of local_attn_{fwd,bwd}:
+// Validates the arguments shared by every backend of local_attn_{fwd,bwd} (internal linkage: the CPU
+// and CUDA translation units are built by different compilers and must not share one definition):
 // q, k, v are (B, H, N, D) with N = num_prefix + grid_h * grid_w, same dtype/device.
-inline void check_local_attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+static inline void check_local_attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   int64_t grid_h, int64_t grid_w, int64_t window,
                                   int64_t num_prefix) {
   SA2VP_CHECK_DIM(q, 4);
