@@ -12,6 +12,7 @@ achieved fraction of the card's measured copy bandwidth.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import itertools
 import json
@@ -243,17 +244,20 @@ def neighbourhood_mask(grid, window: int, num_prefix: int, device) -> torch.Tens
     return mask
 
 
-def _flex_block_mask(case: AttnCase, device):
+@functools.lru_cache(maxsize=None)
+def _flex_block_mask(grid: tuple, window: int, num_prefix: int, device: str):
+    """One block mask (and mask_mod) per neighbourhood, so compiled FlexAttention is reused, not recompiled."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    T, gw, rad = case.num_prefix, case.grid[1], case.window // 2
+    T, gw, rad = num_prefix, grid[1], window // 2
+    N = T + grid[0] * grid[1]
 
     def mask_mod(b, h, q_idx, kv_idx):
         qg, kg = q_idx - T, kv_idx - T
         near = ((qg // gw - kg // gw).abs() <= rad) & ((qg % gw - kg % gw).abs() <= rad)
         return (q_idx < T) | ((kv_idx >= T) & near)
 
-    return create_block_mask(mask_mod, None, None, case.tokens, case.tokens, device=str(device))
+    return create_block_mask(mask_mod, None, None, N, N, device=device)
 
 
 _COMPILED_FLEX = None
@@ -320,7 +324,7 @@ def attention_workload(provider: str, case: AttnCase, device, *, n_sets: int = 2
             from torch.nn.attention.flex_attention import flex_attention
         except ImportError as exc:
             raise Unavailable(f"FlexAttention is not available in torch {torch.__version__} ({exc})") from None
-        block_mask = _flex_block_mask(case, device)
+        block_mask = _flex_block_mask(tuple(grid), window, T, str(device))
         attend = _compiled_flex() if compile_flex else flex_attention
         note = "torch.nn.attention.flex_attention with a block mask" + (", torch.compile'd" if compile_flex else ", eager")
         differentiable = device.type != "cpu"  # FlexAttention has no backward on the CPU
@@ -590,44 +594,49 @@ def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 10, samples: int = 
 
     This leaves out the host's launch and dispatch overhead, which dominates eager timings of kernels
     that run for tens of microseconds.  The calls rotate over the input sets as ``fn`` does, so the graph
-    does not re-read one set from L2.  Raises if ``fn`` cannot be captured (a host sync, for instance).
+    does not re-read one set from L2.  Raises if ``fn`` cannot be captured (a host sync, for instance);
+    the current stream is restored either way.
     """
     dev = torch.device(device)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    torch.cuda.synchronize(dev)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def capture(n):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
+    stream = torch.cuda.current_stream(dev)
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for _ in range(2):
                 fn()
-        graph.replay()
+        stream.wait_stream(side)
         torch.cuda.synchronize(dev)
-        return graph
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    graph = capture(1)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    n = int(min(max_calls, max(1, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
-    del graph
-    graph = capture(n)
-    times = []
-    for _ in range(samples):
+        def capture(n):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(n):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize(dev)
+            return graph
+
+        graph = capture(1)
         start.record()
-        graph.replay()
+        for _ in range(5):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    del graph
+        n = int(min(max_calls, max(1, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+        del graph
+        graph = capture(n)
+        times = []
+        for _ in range(samples):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / n)
+        del graph
+    finally:
+        torch.cuda.set_stream(stream)
     return {"ms_graph": float(statistics.median(times)), "ms_graph_min": float(min(times)), "graph_calls": n}
 
 

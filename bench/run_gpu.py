@@ -10,13 +10,14 @@ fwd / bwd / fwd+bwd; our Triton and CUDA kernels, the vectorised reference, dens
 neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, fwd+bwd; kernels,
 reference, the unfused nn composition, eager and compiled); prompt_map; the SA2VP ViT-B/16 training
 step and inference at 224 (auto backend against backend="reference"); N scaling 197 -> 785 -> 4097
-with peak memory; windows 3/5/7; the model at 448.
+with peak memory; windows 3/5/7; the model at 448; CUDA-graph timings of the fast measurements.
 
 Each section gets a share of the time left when it starts and skips its remaining items once over
 it; the results file is rewritten after every measurement, so a run cut short still leaves data.
 A failing provider records its error and the run goes on.  Times are medians of
-``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets, and of
-CUDA-graph replays of many unrolled calls (``ms_graph``: the host's launch overhead left out).
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets and, last,
+of CUDA-graph replays of many unrolled calls (``ms_graph``: the host's launch overhead left out).
+``--no-graphs`` leaves the graph timings out.
 """
 from __future__ import annotations
 
@@ -56,11 +57,12 @@ class Plan:
     train_steps: int = 10
     warmup_ms: float = 25
     rep_ms: float = 60
-    graph_rep_ms: float = 10  # CUDA-graph timing as well (0: eager timing only)
+    graph_rep_ms: float = 10  # CUDA-graph timing as well (0: eager timing only) ...
+    graph_below_ms: float = 5  # ... of calls fast enough for the host's launch overhead to matter
     copy_bytes: int = 1 << 30
     shares: dict = field(default_factory=lambda: {
         "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
-        "scaling": 0.5, "windows": 0.7, "end_to_end_large": 1.0})
+        "scaling": 0.45, "windows": 0.5, "end_to_end_large": 0.5, "graphs": 1.0})
 
     @classmethod
     def tiny(cls) -> "Plan":
@@ -101,6 +103,7 @@ class Run:
         self.copy_gbps = None
         self.cuda = self.device.type == "cuda"
         self.alive = True
+        self.graph_jobs: dict = {}  # (section, case, provider) -> (make, eager records to add graph times to)
 
     # -- budget ---------------------------------------------------------------------------------
     def left(self) -> float:
@@ -131,10 +134,6 @@ class Run:
             msg += f" {record['ms']:9.4f} ms"
             if record.get("bw_frac") is not None:
                 msg += f"  {100 * record['bw_frac']:5.1f}% of copy bw"
-            if record.get("ms_graph") is not None:
-                msg += f"  graph {record['ms_graph']:8.4f} ms {100 * record.get('bw_frac_graph', 0):5.1f}%"
-            elif record.get("graph_error"):
-                msg += f"  graph: {record['graph_error'][:60]}"
             if record.get("images_per_s") is not None:
                 msg += f"  {record['images_per_s']:8.1f} img/s"
             if record.get("peak_mib") is not None:
@@ -212,16 +211,13 @@ class Run:
                     rec["bw_frac"] = rec["gbps"] / self.copy_gbps
                 if memory:
                     rec.update(common.peak_memory_mib(fn, self.device))
-                if self.cuda and self.plan.graph_rep_ms:
-                    try:
-                        rec.update(common.time_cuda_graph(fn, self.device, rep_ms=self.plan.graph_rep_ms))
-                        if self.copy_gbps:
-                            rec["bw_frac_graph"] = nbytes / (rec["ms_graph"] * 1e-3) / 1e9 / self.copy_gbps
-                    except Exception as exc:
-                        rec["graph_error"] = _short(exc, 200)
-                        self.free()
-                        self.check_alive()
                 del fn
+                # CUDA-graph timings come last (section "graphs"): a failed capture can leave the CUDA
+                # context unusable, which must not cost the eager results.  Not for "bwd": its forward
+                # ran outside the capture, and autograd runs each backward kernel on its forward's stream.
+                if (self.cuda and self.plan.graph_rep_ms and rec["ms"] < self.plan.graph_below_ms
+                        and pass_ != "bwd"):
+                    self.graph_jobs.setdefault((section, case.label, provider), (make, []))[1].append(rec)
             except common.Unavailable as exc:
                 self.skip(section, f"{provider} {case.label} {pass_}", str(exc))
                 continue
@@ -478,8 +474,46 @@ def _infer_step(run: Run, model, case: ModelCase):
     return step
 
 
+def section_graphs(run: Run) -> None:
+    """CUDA-graph timings of the fast eager measurements (host launch overhead left out)."""
+    common = run.common
+    if not run.cuda or not run.plan.graph_rep_ms:
+        run.skip("graphs", "graphs", "CUDA graphs need a GPU" if not run.cuda else "disabled")
+        return
+    for (section, label, provider), (make, records) in run.graph_jobs.items():
+        if run.over():
+            run.skip("graphs", f"{section} {provider} {label}", "over the section's time budget")
+            continue
+        try:
+            work = make()
+        except Exception as exc:
+            for rec in records:
+                rec["graph_error"] = _short(exc, 200)
+            run.check_alive()
+            continue
+        for rec in records:
+            try:
+                fn = work.runner(rec["pass"])
+                rec.update(common.time_cuda_graph(fn, run.device, rep_ms=run.plan.graph_rep_ms))
+                if run.copy_gbps:
+                    rec["bw_frac_graph"] = rec["bytes"] / (rec["ms_graph"] * 1e-3) / 1e9 / run.copy_gbps
+                del fn
+                msg = f"{rec['ms_graph']:9.4f} ms" + (f"  {100 * rec['bw_frac_graph']:5.1f}% of copy bw"
+                                                       if run.copy_gbps else "")
+            except Exception as exc:
+                rec["graph_error"] = msg = _short(exc, 200)
+                run.free()
+                run.check_alive()
+            run.flush()
+            run.log(f"   {provider:<17} {rec['pass']:<8} {section} {label:<38} graph {msg}")
+            if not run.alive:
+                return
+        del work
+        run.free()
+
+
 SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "scaling", "windows",
-            "end_to_end_large")
+            "end_to_end_large", "graphs")
 
 
 def run_sections(run: Run, names) -> None:
@@ -492,6 +526,7 @@ def run_sections(run: Run, names) -> None:
         "scaling": section_scaling,
         "windows": section_windows,
         "end_to_end_large": lambda r: section_end_to_end(r, r.plan.e2e_last),
+        "graphs": section_graphs,
     }
     for name in SECTIONS:
         if name not in names:
@@ -522,6 +557,7 @@ def parse_args(argv=None):
     parser.add_argument("--providers", default="",
                         help="comma-separated providers of the op sections to run (default: all), e.g. "
                              "triton,cuda,reference,sdpa_masked,flex,natten,unfused,unfused_compiled")
+    parser.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph replays)")
     args = parser.parse_args(argv)
     args.providers = set(filter(None, args.providers.split(",")))
     if args.dry_run:
@@ -548,6 +584,8 @@ def main(argv=None) -> int:
     if args.out is None:
         args.out = str(common.RESULTS_DIR)
     plan = Plan.tiny() if args.tiny else Plan()
+    if args.no_graphs:
+        plan.graph_rep_ms = 0
     run = Run(args, plan)
     meta = run.results["meta"]
     run.log(f"sa2vp-kernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "

@@ -64,3 +64,29 @@ def test_dry_run_and_report(tmp_path):
     text = written[0].read_text()
     assert "### Local cross attention" in text and "| case | pass |" in text
     assert [w.suffix for w in written] == [".md", ".png"]
+
+
+def test_graph_timings_are_added_last(tmp_path, monkeypatch):
+    # The bookkeeping of the "graphs" section (which eager records get a graph time, and that "bwd" never
+    # does) runs on the CPU with the CUDA-graph timer replaced by a stand-in that still calls the runner.
+    args = run_gpu.parse_args(["--dry-run", "--out", str(tmp_path), "--providers", "cpu,reference"])
+    run = run_gpu.Run(args, run_gpu.Plan.tiny())
+    run.cuda = True
+    run.plan.graph_below_ms = float("inf")
+    calls = []
+
+    def graph_timer(fn, device, rep_ms):
+        fn()
+        calls.append(device)
+        return {"ms_graph": 0.25, "ms_graph_min": 0.2, "graph_calls": 1}
+
+    monkeypatch.setattr(common, "time_cuda_graph", graph_timer)
+    run.begin("attention")
+    run_gpu.section_attention(run)
+    run.begin("graphs")
+    run_gpu.section_graphs(run)
+    records = run.results["records"]
+    assert records and not [r for r in records if r.get("error")]
+    for r in records:
+        assert ("ms_graph" in r) == (r["pass"] != "bwd"), r
+    assert len(calls) == sum(r["pass"] != "bwd" for r in records)
