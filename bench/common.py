@@ -432,6 +432,18 @@ class UnfusedPromptAdd(nn.Module):
         return target + scale * self.drop(self.up(self.drop(self.act(self.down(self.norm(message))))))
 
 
+@functools.lru_cache(maxsize=None)
+def _unfused_prompt_add(case: PromptAddCase, device: str, compiled: bool):
+    """The unfused module with :func:`prompt_add_params`' values, and what to call (itself or its compiled
+    form; one per case, so a compiled module is not compiled again)."""
+    module = UnfusedPromptAdd(case.width, case.rank, case.dropout_p).to(device=device, dtype=case.dtype)
+    with torch.no_grad():
+        for dst, src in zip(module.parameters(), prompt_add_params(case, torch.device(device))):
+            dst.copy_(src)
+    module.train()
+    return module, (compile_for_benchmarks(module) if compiled else module)
+
+
 def prompt_add_params(case: PromptAddCase, device, seed: int = 7) -> tuple:
     """(norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias), trainable, non-trivial."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -468,13 +480,7 @@ def prompt_add_workload(provider: str, case: PromptAddCase, device, *, n_sets: i
 
         return Workload(forward, [s + params for s in sets], [s + params for s in sets])
     if provider in ("unfused", "unfused_compiled"):
-        module = UnfusedPromptAdd(case.width, case.rank, case.dropout_p).to(device=device, dtype=case.dtype)
-        with torch.no_grad():
-            for dst, src in zip((module.norm.weight, module.norm.bias, module.down.weight, module.down.bias,
-                                 module.up.weight, module.up.bias), params):
-                dst.copy_(src)
-        module.train()
-        call = compile_for_benchmarks(module) if provider == "unfused_compiled" else module
+        module, call = _unfused_prompt_add(case, str(device), provider == "unfused_compiled")
 
         def forward(target, message):
             return call(target, message, case.scale)
