@@ -60,12 +60,22 @@ def load_image(path: str) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """``(path, label)`` samples read with PIL and passed through ``transform``."""
+    """``(path, label)`` samples read with PIL and passed through ``transform``.
 
-    def __init__(self, samples: list[tuple[str, int]], transform=None, source: str = ""):
+    With ``seed`` set, the random augmentation of sample ``i`` in epoch ``e`` is drawn from a generator
+    seeded with ``(seed, e, i)``: the same crops and flips whatever the number of loader workers or
+    processes, and after a resume.  ``set_epoch`` selects the epoch.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None, source: str = "", seed: int | None = None):
         self.samples = samples
         self.transform = transform
         self.source = source
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,7 +84,12 @@ class ImageListDataset(Dataset):
         path, label = self.samples[index]
         img = load_image(path)
         if self.transform is not None:
-            img = self.transform(img)
+            if self.seed is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**63)
+                    img = self.transform(img)
         return img, label
 
     @property

@@ -11,7 +11,7 @@ from PIL import Image
 TINY_VIT = [
     "--backbone", "vit_tiny_patch16_224",
     "--backbone-kwargs", "depth=5", "embed_dim=32", "num_heads=2", "patch_size=8", "mlp_ratio=2",
-    "--img-size", "32", "--r", "4", "--backend", "reference", "--num-workers", "0", "--no-progress",
+    "--img-size", "32", "--inter-dim", "4", "--backend", "reference", "--num-workers", "0", "--no-progress",
 ]
 
 
