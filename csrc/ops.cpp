@@ -23,4 +23,16 @@ TORCH_LIBRARY(sa2vp_kernels, m) {
       "int grid_h, int grid_w, int window, int num_prefix, bool zero_border, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   // ---- prompt ops (schemas added below) ------------------------------------------------------
+  // prompt map: out (1, N, C) = resample(embed) @ weight.T + bias + pos_embed, N = num_prefix +
+  // grid_h*grid_w. embed (num_prefix + embed_h*embed_w, r) with its grid rows resampled bilinearly
+  // (align_corners=False) from (embed_h, embed_w) to (grid_h, grid_w); prefix rows pass through.
+  // weight (C, r), bias (C,) or None, pos_embed (1, N, C) or None; all one dtype, contiguous.
+  m.def(
+      "prompt_map_fwd(Tensor embed, Tensor weight, Tensor? bias, Tensor? pos_embed, int grid_h, "
+      "int grid_w, int embed_h, int embed_w, int num_prefix) -> Tensor");
+  // Returns (grad_embed, grad_weight, grad_bias (C,)) in the dtype of embed; the grad of pos_embed is
+  // grad_out itself. Deterministic.
+  m.def(
+      "prompt_map_bwd(Tensor grad_out, Tensor embed, Tensor weight, int grid_h, int grid_w, "
+      "int embed_h, int embed_w, int num_prefix) -> (Tensor, Tensor, Tensor)");
 }

@@ -3,17 +3,20 @@
 Public ops (each with ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"``):
 
 * :func:`local_cross_attention` - spatially aligned cross-pathway attention.
+* :func:`prompt_map` - prompt tokens from a (resampled) low-rank prompt map.
 """
 from . import reference
 from ._dispatch import BACKENDS
 from ._ext import extension_available
 from .local_attention import LocalCrossAttention, local_cross_attention
+from .prompt_map import prompt_map
 
 __all__ = [
     "BACKENDS",
     "LocalCrossAttention",
     "extension_available",
     "local_cross_attention",
+    "prompt_map",
     "reference",
 ]
 __version__ = "0.1.0"

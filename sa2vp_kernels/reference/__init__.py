@@ -4,8 +4,10 @@ from .attention import (
     local_cross_attention_oracle,
     local_cross_attention_vectorized,
 )
+from .prompt_map import prompt_map_reference
 
 __all__ = [
+    "prompt_map_reference",
     "local_cross_attention_oracle",
     "local_cross_attention_vectorized",
     "local_cross_attention_lse",
