@@ -221,11 +221,12 @@ def plot(results: dict, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     passes = _order([r["pass"] for r in recs], PASS_ORDER)
     mem = [r for r in recs if r.get("peak_mib") is not None and r["pass"] == "fwd+bwd"]
     panels = len(passes) + (1 if mem else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(max(6, 5 * panels), 4.4), squeeze=False)
     axes = axes[0]
     providers = _order([r["provider"] for r in recs], PROVIDER_ORDER)
     first = recs[0]
@@ -239,6 +240,10 @@ def plot(results: dict, path: Path) -> bool:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ns = sorted({r["N"] for r in rows})
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("tokens N")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -250,7 +255,7 @@ def plot(results: dict, path: Path) -> bool:
         draw(axes[-1], mem, "extra_mib", "peak memory above inputs (MiB)")
         axes[-1].set_title("fwd+bwd peak memory")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['meta']['device']}: local cross attention, {title}", fontsize=10)
+    fig.suptitle(f"{results['meta']['device']}\nlocal cross attention, {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
