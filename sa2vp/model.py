@@ -12,8 +12,13 @@ a spatially aligned message:
 
 ``F`` is computed from the states before the block and added after it.  The cross attention uses block
 i's own frozen ``norm1``/``qkv``/``proj``: ``norm1`` + ``qkv`` run once per pathway per block and feed
-both the block's self-attention and the cross attention.  Both pathways end in the backbone's frozen
-final norm (and timm's pooling) and one trainable head; the loss is ``0.8 CE(base) + 0.2 CE(prompt)``.
+both the block's self-attention and the cross attention (q/k after the block's q/k norm when it has one;
+the cross output gets no LayerScale).  Both pathways end in the backbone's frozen
+final norm and one trainable head on token 0 (the CLS token), the loss is ``0.8 CE(base) + 0.2 CE(prompt)``
+and predictions use the base logits.  Backbones that pool otherwise (``global_pool="avg"``, ``"map"``, ...)
+are pooled the way timm pools them (``forward_head(..., pre_logits=True)``: pooling, ``fc_norm``) before
+the head.  The prompt map enters the blocks like the image tokens: position embedding, the backbone's
+embedding dropout and ``norm_pre``; deep prompts get neither position embedding nor dropout.
 
 The prompt map, the deep-prompt blocks and every prompt-pathway block whose input does not depend on
 the image yet run once with batch 1 and are broadcast.  (When the backbone's own dropout or stochastic
