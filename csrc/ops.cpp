@@ -23,6 +23,25 @@ TORCH_LIBRARY(sa2vp_kernels, m) {
       "int grid_h, int grid_w, int window, int num_prefix, bool zero_border, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   // ---- prompt ops (schemas added below) ------------------------------------------------------
+  // prompt add: out = target + scale * dropout(up(dropout(gelu(down(layer_norm(message))))))
+  //                   [+ deep_scale * deep], per token. target, message (B, N, C) with stride(-1) == 1;
+  // norm_weight, norm_bias (C,); down_weight (r, C), down_bias (r,); up_weight (C, r), up_bias (C,);
+  // deep (1, N, C) and deep_scale (C,) both or neither. Dropout masks come from a counter-based hash
+  // of (seed, stream, row, column) (see csrc/prompt_add.h); dropout_p == 0 disables them.
+  // Returns out (B, N, C) contiguous, and the per-token mean, rstd (B*N,) and pre-GELU z (B*N, r),
+  // float32 (float64 for float64 inputs), saved for the backward.
+  m.def(
+      "prompt_add_fwd(Tensor target, Tensor message, Tensor norm_weight, Tensor norm_bias, "
+      "Tensor down_weight, Tensor down_bias, Tensor up_weight, Tensor up_bias, Tensor? deep, "
+      "Tensor? deep_scale, float scale, float dropout_p, float eps, int seed) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_message, grad_norm_weight, grad_norm_bias, grad_down_weight, grad_down_bias,
+  // grad_up_weight, grad_up_bias) in the dtype of message; weight grads are deterministic reductions.
+  // The grads of target, deep and deep_scale are plain reductions of grad_out, done by the caller.
+  m.def(
+      "prompt_add_bwd(Tensor grad_out, Tensor message, Tensor mean, Tensor rstd, Tensor z, "
+      "Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor up_weight, float scale, "
+      "float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // prompt map: out (1, N, C) = resample(embed) @ weight.T + bias + pos_embed, N = num_prefix +
   // grid_h*grid_w. embed (num_prefix + embed_h*embed_w, r) with its grid rows resampled bilinearly
   // (align_corners=False) from (embed_h, embed_w) to (grid_h, grid_w); prefix rows pass through.

@@ -4,11 +4,13 @@ Public ops (each with ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"
 
 * :func:`local_cross_attention` - spatially aligned cross-pathway attention.
 * :func:`prompt_map` - prompt tokens from a (resampled) low-rank prompt map.
+* :func:`prompt_add` - fused LayerNorm / low-rank adapter / dropout / residual add of a message.
 """
 from . import reference
 from ._dispatch import BACKENDS
 from ._ext import extension_available
 from .local_attention import LocalCrossAttention, local_cross_attention
+from .prompt_add import prompt_add
 from .prompt_map import prompt_map
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "LocalCrossAttention",
     "extension_available",
     "local_cross_attention",
+    "prompt_add",
     "prompt_map",
     "reference",
 ]

@@ -1,0 +1,785 @@
+// CUDA kernels of prompt_add (ops prompt_add_fwd, prompt_add_bwd): float16, bfloat16, float32, float64.
+//
+//   out = target + scale * drop(up(drop(gelu(down(layer_norm(message)))))) [+ deep_scale * deep]
+//
+// Forward (one kernel): each warp owns kRowsPerWarp tokens. A lane owns the channel groups
+// g = lane, lane + 32, ... of V consecutive channels (16-byte vector loads when aligned), so every
+// big tensor is read once with coalesced loads and `out` is written once. Per warp:
+//   1. LayerNorm statistics in fp32 (fp64 for fp64); the normalised rows stay in shared memory, in a
+//      lane-private layout (no bank conflicts, no block synchronisation);
+//   2. z = y @ down_weight^T: every lane accumulates kRowsPerWarp x kJChunk partial dot products, one
+//      down_weight load serving all rows of the warp; a butterfly "transpose reduction" leaves the
+//      total of value k in lane k (31 shuffles for 32 values); z is saved (fp32) for the backward;
+//   3. h = drop(gelu(z)) in shared memory, then u = h @ up_weight^T per channel group (up_weight is
+//      passed transposed, (r, C), so those loads are coalesced too), and the epilogue.
+// Backward:
+//   * rows kernel, same layout: gu = scale * drop'(grad_out); gh = gu @ up_weight (as the forward's
+//     z); gz = drop'(gh) * gelu'(z) (saved, fp32); gy = gz @ down_weight (as the forward's u); the
+//     LayerNorm backward gives grad_message;
+//   * columns kernel: one thread per channel, token splits in blockIdx.y, sums over tokens of
+//     gu^T @ h, gu and A = gz^T @ xhat in registers; the split partials are then added by ATen sums
+//     in a fixed order (deterministic, no atomics). The parameter gradients follow from them:
+//     grad_down_weight = A * norm_weight + sum(gz) (x) norm_bias, grad_norm_weight = sum_j
+//     down_weight * A, grad_norm_bias = sum(gz) @ down_weight.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "prompt_add.h"
+
+namespace sa2vp {
+namespace {
+
+namespace hash = prompt_add_hash;
+
+constexpr int kRowsPerWarp = 4;
+constexpr int kJChunk = 8;  // kRowsPerWarp * kJChunk = 32 values per transpose reduction
+constexpr int kMaxWarps = 4;
+constexpr int kColsThreads = 128;  // columns kernel: threads (= channels) per block
+constexpr int kColsTile = 32;      // columns kernel: tokens staged in shared memory at a time
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void load_vec(const T* p, A (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int e = 0; e < V; ++e) out[e] = static_cast<A>(pk.v[e]);
+}
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_vec(T* p, const A (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pk.v[e] = static_cast<T>(in[e]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Sums each of 32 values over the warp; lane k returns the total of value k.
+template <typename A>
+__device__ __forceinline__ A warp_transpose_sum(A (&v)[32], int lane) {
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    const int o = 16 >> s;
+    const bool upper = (lane & o) != 0;
+#pragma unroll
+    for (int k = 0; k < o; ++k) {
+      const A send = upper ? v[k] : v[k + o];
+      const A keep = upper ? v[k + o] : v[k];
+      v[k] = keep + __shfl_xor_sync(kFull, send, o);
+    }
+  }
+  return v[0];
+}
+
+template <typename A>
+__device__ __forceinline__ A gelu(A z) {
+  return A(0.5) * z * (A(1) + erf(z * A(0.70710678118654752440)));
+}
+
+template <typename A>
+__device__ __forceinline__ A gelu_grad(A z) {
+  const A cdf = A(0.5) * (A(1) + erf(z * A(0.70710678118654752440)));
+  return cdf + z * exp(A(-0.5) * z * z) * A(0.39894228040143267794);
+}
+
+template <typename T>
+struct FwdParams {
+  const T* message;
+  const T* target;
+  const T* gamma;
+  const T* beta;
+  const T* wd;    // (r, C)
+  const T* bd;    // (r,)
+  const T* wu_t;  // (r, C): up_weight transposed
+  const T* bu;    // (C,)
+  const T* deep;  // (N, C) or null
+  const T* deep_scale;
+  T* out;  // (M, C)
+  acc_t<T>* mean;
+  acc_t<T>* rstd;
+  acc_t<T>* z;  // (M, r)
+  int64_t M, msg_sb, msg_sn, tgt_sb, tgt_sn;
+  int N, C, r;
+  acc_t<T> scale, eps, inv_keep;
+  uint32_t threshold, key_h, key_o;
+  bool dropout;
+};
+
+// Shared memory of one warp: kRowsPerWarp rows of C (lane-private layout: channel e of group g of
+// row i at i * C + e * groups + g), then kRowsPerWarp x r low-rank values (shared by the warp).
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> p) {
+  using A = acc_t<T>;
+  constexpr int R = kRowsPerWarp;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int C = p.C, r = p.r, groups = C / V;
+  A* ys = reinterpret_cast<A*>(smem_raw) + static_cast<int64_t>(warp) * R * (C + r);
+  A* hs = ys + R * C;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R;
+  if (row0 >= p.M) return;
+
+  // 1. LayerNorm.
+  A mean[R], rstd[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    const bool valid = m < p.M;
+    A* yi = ys + i * C;
+    A s = 0;
+    if (valid) {
+      const T* x = p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn;
+      for (int g = lane; g < groups; g += 32) {
+        A v[V];
+        load_vec<T, V>(x + g * V, v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          yi[e * groups + g] = v[e];
+          s += v[e];
+        }
+      }
+    }
+    mean[i] = warp_sum(s) / A(C);
+    A q = 0;
+    if (valid) {
+      for (int g = lane; g < groups; g += 32) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const A d = yi[e * groups + g] - mean[i];
+          q += d * d;
+        }
+      }
+    }
+    q = warp_sum(q);
+    rstd[i] = valid ? A(1) / sqrt(q / A(C) + p.eps) : A(0);
+    if (valid && lane == 0) {
+      p.mean[m] = mean[i];
+      p.rstd[m] = rstd[i];
+    }
+  }
+  for (int g = lane; g < groups; g += 32) {
+    A ga[V], be[V];
+    load_vec<T, V>(p.gamma + g * V, ga);
+    load_vec<T, V>(p.beta + g * V, be);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const bool valid = row0 + i < p.M;
+      A* yi = ys + i * C;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const A y = (yi[e * groups + g] - mean[i]) * rstd[i] * ga[e] + be[e];
+        yi[e * groups + g] = valid ? y : A(0);
+      }
+    }
+  }
+  __syncwarp();
+
+  // 2. z = y @ down_weight^T + down_bias; h = drop(gelu(z)).
+  for (int j0 = 0; j0 < r; j0 += kJChunk) {
+    A v[32];
+#pragma unroll
+    for (int k = 0; k < 32; ++k) v[k] = 0;
+    for (int g = lane; g < groups; g += 32) {
+      A y[R][V];
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) y[i][e] = ys[i * C + e * groups + g];
+      }
+#pragma unroll
+      for (int jj = 0; jj < kJChunk; ++jj) {
+        if (j0 + jj < r) {
+          A w[V];
+          load_vec<T, V>(p.wd + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += y[i][e] * w[e];
+          }
+        }
+      }
+    }
+    const A total = warp_transpose_sum(v, lane);
+    const int i = lane / kJChunk, j = j0 + lane % kJChunk;
+    const int64_t m = row0 + i;
+    if (j < r) {
+      A h = 0;
+      if (m < p.M) {
+        const A zz = total + static_cast<A>(p.bd[j]);
+        p.z[m * r + j] = zz;
+        const bool kept = !p.dropout || hash::keep(hash::row_state(p.key_h, static_cast<uint32_t>(m)),
+                                                   static_cast<uint32_t>(j), p.threshold);
+        h = kept ? gelu(zz) * p.inv_keep : A(0);
+      }
+      hs[i * r + j] = h;
+    }
+  }
+  __syncwarp();
+
+  // 3. u = h @ up_weight^T + up_bias, then out = target + scale * drop(u) [+ deep_scale * deep].
+  uint32_t rs_out[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) rs_out[i] = hash::row_state(p.key_o, static_cast<uint32_t>(row0 + i));
+  const A s_keep = p.scale * p.inv_keep;
+  for (int g = lane; g < groups; g += 32) {
+    const int c0 = g * V;
+    A u[R][V], bu[V];
+    load_vec<T, V>(p.bu + c0, bu);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) u[i][e] = bu[e];
+    }
+    for (int j = 0; j < r; ++j) {
+      A w[V];
+      load_vec<T, V>(p.wu_t + static_cast<int64_t>(j) * C + c0, w);
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const A hij = hs[i * r + j];
+#pragma unroll
+        for (int e = 0; e < V; ++e) u[i][e] += hij * w[e];
+      }
+    }
+    A ds[V];
+    if (p.deep != nullptr) load_vec<T, V>(p.deep_scale + c0, ds);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t m = row0 + i;
+      if (m < p.M) {
+        const int64_t b = m / p.N, n = m % p.N;
+        A t[V], o[V];
+        load_vec<T, V>(p.target + b * p.tgt_sb + n * p.tgt_sn + c0, t);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const bool kept = !p.dropout || hash::keep(rs_out[i], static_cast<uint32_t>(c0 + e), p.threshold);
+          o[e] = t[e] + (kept ? s_keep * u[i][e] : A(0));
+        }
+        if (p.deep != nullptr) {
+          A d[V];
+          load_vec<T, V>(p.deep + n * C + c0, d);
+#pragma unroll
+          for (int e = 0; e < V; ++e) o[e] += ds[e] * d[e];
+        }
+        store_vec<T, V>(p.out + m * C + c0, o);
+      }
+    }
+  }
+}
+
+template <typename T>
+struct BwdParams {
+  const T* grad;  // (B, N, C) rows with strides
+  const T* message;
+  const acc_t<T>* mean;
+  const acc_t<T>* rstd;
+  const acc_t<T>* z;
+  const T* gamma;
+  const T* wd;    // (r, C)
+  const T* wu_t;  // (r, C)
+  T* dx;          // (M, C)
+  acc_t<T>* gz;   // (M, r)
+  acc_t<T>* part_w;  // (splits, C, r)
+  acc_t<T>* part_a;  // (splits, r, C)
+  acc_t<T>* part_b;  // (splits, C)
+  int64_t M, grad_sb, grad_sn, msg_sb, msg_sn, rows_per_split;
+  int N, C, r;
+  acc_t<T> scale, inv_keep;
+  uint32_t threshold, key_h, key_o;
+  bool dropout;
+};
+
+// Shared memory of one warp: gu then gy * gamma (R x C, lane-private), xhat (R x C, lane-private),
+// gz (R x r, shared by the warp).
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParams<T> p) {
+  using A = acc_t<T>;
+  constexpr int R = kRowsPerWarp;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int C = p.C, r = p.r, groups = C / V;
+  A* gs = reinterpret_cast<A*>(smem_raw) + static_cast<int64_t>(warp) * R * (2 * C + r);
+  A* xs = gs + R * C;
+  A* gzs = xs + R * C;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R;
+  if (row0 >= p.M) return;
+
+  // gu = scale * drop'(grad_out)
+  const A s_keep = p.scale * p.inv_keep;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    A* gi = gs + i * C;
+    if (m < p.M) {
+      const T* go = p.grad + (m / p.N) * p.grad_sb + (m % p.N) * p.grad_sn;
+      const uint32_t rs = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+      for (int g = lane; g < groups; g += 32) {
+        A v[V];
+        load_vec<T, V>(go + g * V, v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const bool kept = !p.dropout || hash::keep(rs, static_cast<uint32_t>(g * V + e), p.threshold);
+          gi[e * groups + g] = kept ? s_keep * v[e] : A(0);
+        }
+      }
+    } else {
+      for (int g = lane; g < groups; g += 32) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) gi[e * groups + g] = A(0);
+      }
+    }
+  }
+  __syncwarp();
+
+  // gh = gu @ up_weight; gz = drop'(gh) * gelu'(z)
+  for (int j0 = 0; j0 < r; j0 += kJChunk) {
+    A v[32];
+#pragma unroll
+    for (int k = 0; k < 32; ++k) v[k] = 0;
+    for (int g = lane; g < groups; g += 32) {
+      A gu[R][V];
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) gu[i][e] = gs[i * C + e * groups + g];
+      }
+#pragma unroll
+      for (int jj = 0; jj < kJChunk; ++jj) {
+        if (j0 + jj < r) {
+          A w[V];
+          load_vec<T, V>(p.wu_t + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += gu[i][e] * w[e];
+          }
+        }
+      }
+    }
+    const A gh = warp_transpose_sum(v, lane);
+    const int i = lane / kJChunk, j = j0 + lane % kJChunk;
+    const int64_t m = row0 + i;
+    if (j < r) {
+      A gzv = 0;
+      if (m < p.M) {
+        const bool kept = !p.dropout || hash::keep(hash::row_state(p.key_h, static_cast<uint32_t>(m)),
+                                                   static_cast<uint32_t>(j), p.threshold);
+        gzv = kept ? gh * p.inv_keep * gelu_grad(p.z[m * r + j]) : A(0);
+        p.gz[m * r + j] = gzv;
+      }
+      gzs[i * r + j] = gzv;
+    }
+  }
+  __syncwarp();
+
+  // gy = gz @ down_weight; LayerNorm backward.
+  A mean[R], rstd[R], c1[R], c2[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    mean[i] = m < p.M ? p.mean[m] : A(0);
+    rstd[i] = m < p.M ? p.rstd[m] : A(0);
+    c1[i] = 0;
+    c2[i] = 0;
+  }
+  for (int g = lane; g < groups; g += 32) {
+    const int c0 = g * V;
+    A gy[R][V];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) gy[i][e] = 0;
+    }
+    for (int j = 0; j < r; ++j) {
+      A w[V];
+      load_vec<T, V>(p.wd + static_cast<int64_t>(j) * C + c0, w);
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const A gzij = gzs[i * r + j];
+#pragma unroll
+        for (int e = 0; e < V; ++e) gy[i][e] += gzij * w[e];
+      }
+    }
+    A ga[V];
+    load_vec<T, V>(p.gamma + c0, ga);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t m = row0 + i;
+      A xh[V];
+      if (m < p.M) {
+        load_vec<T, V>(p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn + c0, xh);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) xh[e] = mean[i];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const A xhat = (xh[e] - mean[i]) * rstd[i];
+        const A gyg = gy[i][e] * ga[e];
+        c1[i] += gyg;
+        c2[i] += gyg * xhat;
+        gs[i * C + e * groups + g] = gyg;
+        xs[i * C + e * groups + g] = xhat;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    c1[i] = warp_sum(c1[i]) / A(C);
+    c2[i] = warp_sum(c2[i]) / A(C);
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    if (m >= p.M) break;
+    for (int g = lane; g < groups; g += 32) {
+      A dx[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        dx[e] = rstd[i] * (gs[i * C + e * groups + g] - c1[i] - xs[i * C + e * groups + g] * c2[i]);
+      }
+      store_vec<T, V>(p.dx + m * C + g * V, dx);
+    }
+  }
+}
+
+// One thread per channel c; blockIdx.y selects a contiguous split of tokens; one pass per chunk of JT
+// ranks. Accumulates gu^T @ h (C x r), A = gz^T @ xhat (r x C) and sum(gu) (C) for its split.
+template <typename T, int JT>
+__global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<T> p) {
+  using A = acc_t<T>;
+  __shared__ A hs[kColsTile][JT];
+  __shared__ A gzs[kColsTile][JT];
+  __shared__ A mean_s[kColsTile];
+  __shared__ A rstd_s[kColsTile];
+  __shared__ uint32_t rs_s[kColsTile];
+  const int tid = threadIdx.x;
+  const int c = blockIdx.x * kColsThreads + tid;
+  const int split = blockIdx.y;
+  const int r = p.r;
+  const int64_t start = split * p.rows_per_split;
+  const int64_t end = std::min(start + p.rows_per_split, p.M);
+  const A s_keep = p.scale * p.inv_keep;
+  for (int j0 = 0; j0 < r; j0 += JT) {
+    A acc_w[JT], acc_a[JT], acc_b = 0;
+#pragma unroll
+    for (int jj = 0; jj < JT; ++jj) {
+      acc_w[jj] = 0;
+      acc_a[jj] = 0;
+    }
+    for (int64_t m0 = start; m0 < end; m0 += kColsTile) {
+      __syncthreads();
+      for (int idx = tid; idx < kColsTile * JT; idx += kColsThreads) {
+        const int row = idx / JT, jj = idx % JT;
+        const int64_t m = m0 + row;
+        const int j = j0 + jj;
+        A h = 0, gzv = 0;
+        if (m < end && j < r) {
+          const bool kept = !p.dropout || hash::keep(hash::row_state(p.key_h, static_cast<uint32_t>(m)),
+                                                     static_cast<uint32_t>(j), p.threshold);
+          h = kept ? gelu(p.z[m * r + j]) * p.inv_keep : A(0);
+          gzv = p.gz[m * r + j];
+        }
+        hs[row][jj] = h;
+        gzs[row][jj] = gzv;
+      }
+      for (int row = tid; row < kColsTile; row += kColsThreads) {
+        const int64_t m = m0 + row;
+        mean_s[row] = m < end ? p.mean[m] : A(0);
+        rstd_s[row] = m < end ? p.rstd[m] : A(0);
+        rs_s[row] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+      }
+      __syncthreads();
+      if (c < p.C) {
+        const int rows = static_cast<int>(std::min<int64_t>(kColsTile, end - m0));
+        for (int row = 0; row < rows; ++row) {
+          const int64_t m = m0 + row;
+          const int64_t b = m / p.N, n = m % p.N;
+          const A go = static_cast<A>(p.grad[b * p.grad_sb + n * p.grad_sn + c]);
+          const bool kept = !p.dropout || hash::keep(rs_s[row], static_cast<uint32_t>(c), p.threshold);
+          const A gu = kept ? s_keep * go : A(0);
+          const A x = static_cast<A>(p.message[b * p.msg_sb + n * p.msg_sn + c]);
+          const A xhat = (x - mean_s[row]) * rstd_s[row];
+          acc_b += gu;
+#pragma unroll
+          for (int jj = 0; jj < JT; ++jj) {
+            acc_w[jj] += gu * hs[row][jj];
+            acc_a[jj] += gzs[row][jj] * xhat;
+          }
+        }
+      }
+    }
+    if (c < p.C) {
+      const int64_t base = static_cast<int64_t>(split) * p.C * r;
+#pragma unroll
+      for (int jj = 0; jj < JT; ++jj) {
+        const int j = j0 + jj;
+        if (j < r) {
+          p.part_w[base + static_cast<int64_t>(c) * r + j] = acc_w[jj];
+          p.part_a[base + static_cast<int64_t>(j) * p.C + c] = acc_a[jj];
+        }
+      }
+      if (j0 == 0) p.part_b[static_cast<int64_t>(split) * p.C + c] = acc_b;
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Warps per block for a kernel whose warps each need `per_warp` bytes of shared memory.
+int warps_for(int64_t per_warp, const char* what) {
+  constexpr int64_t kBudget = 96 * 1024, kMaxPerBlock = 200 * 1024;
+  TORCH_CHECK(per_warp <= kMaxPerBlock, what, ": the number of channels is too large for the CUDA kernels (",
+              per_warp, " bytes of shared memory per warp)");
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, kBudget / per_warp)));
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+struct Dropout {
+  bool active;
+  uint32_t threshold, key_h, key_o;
+  double inv_keep;
+  Dropout(double p, int64_t seed)
+      : active(p > 0.0),
+        threshold(hash::drop_threshold(p)),
+        key_h(hash::stream_key(seed, hash::kHiddenStream)),
+        key_o(hash::stream_key(seed, hash::kOutputStream)),
+        inv_keep(p > 0.0 ? 1.0 / (1.0 - p) : 1.0) {}
+};
+
+template <typename T, int V>
+void launch_fwd(const FwdParams<T>& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t per_warp = static_cast<int64_t>(kRowsPerWarp) * (p.C + p.r) * sizeof(A);
+  const int warps = warps_for(per_warp, "prompt_add_fwd");
+  const int64_t smem = warps * per_warp;
+  set_smem(fwd_kernel<T, V>, smem);
+  const int64_t rows_per_block = static_cast<int64_t>(warps) * kRowsPerWarp;
+  const int64_t blocks = (p.M + rows_per_block - 1) / rows_per_block;
+  fwd_kernel<T, V><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int V>
+void launch_bwd_rows(const BwdParams<T>& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t per_warp = static_cast<int64_t>(kRowsPerWarp) * (2 * p.C + p.r) * sizeof(A);
+  const int warps = warps_for(per_warp, "prompt_add_bwd");
+  const int64_t smem = warps * per_warp;
+  set_smem(bwd_rows_kernel<T, V>, smem);
+  const int64_t rows_per_block = static_cast<int64_t>(warps) * kRowsPerWarp;
+  const int64_t blocks = (p.M + rows_per_block - 1) / rows_per_block;
+  bwd_rows_kernel<T, V><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int JT>
+void launch_bwd_cols(const BwdParams<T>& p, int splits, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.C + kColsThreads - 1) / kColsThreads), static_cast<unsigned>(splits));
+  bwd_cols_kernel<T, JT><<<grid, kColsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cuda(
+    const at::Tensor& target_in, const at::Tensor& message_in, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, const at::Tensor& down_weight, const at::Tensor& down_bias,
+    const at::Tensor& up_weight, const at::Tensor& up_bias, const c10::optional<at::Tensor>& deep_in,
+    const c10::optional<at::Tensor>& deep_scale_in, double scale, double dropout_p, double eps, int64_t seed) {
+  const int64_t r = check_prompt_add_fwd_args(target_in, message_in, norm_weight, norm_bias, down_weight,
+                                              down_bias, up_weight, up_bias, deep_in, deep_scale_in, dropout_p,
+                                              eps, seed);
+  TORCH_CHECK(message_in.is_cuda(), "prompt_add_fwd (CUDA): tensors must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(message_in.device());
+  const at::Tensor target = last_dim_contiguous(target_in), message = last_dim_contiguous(message_in);
+  const at::Tensor nw = norm_weight.contiguous(), nb = norm_bias.contiguous();
+  const at::Tensor dw = down_weight.contiguous(), db = down_bias.contiguous();
+  const at::Tensor wu_t = up_weight.t().contiguous(), ub = up_bias.contiguous();
+  at::Tensor deep, deep_scale;
+  if (deep_in.has_value()) {
+    deep = deep_in->contiguous();
+    deep_scale = deep_scale_in->contiguous();
+  }
+  const int64_t B = message.size(0), N = message.size(1), C = message.size(2), M = B * N;
+  const auto stat = message.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, N, C}, message.options());
+  at::Tensor mean = at::empty({M}, message.options().dtype(stat));
+  at::Tensor rstd = at::empty({M}, message.options().dtype(stat));
+  at::Tensor z = at::empty({M, r}, message.options().dtype(stat));
+  const Dropout drop(dropout_p, seed);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, message.scalar_type(), "prompt_add_fwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    FwdParams<scalar_t> p;
+    p.message = message.data_ptr<scalar_t>();
+    p.target = target.data_ptr<scalar_t>();
+    p.gamma = nw.data_ptr<scalar_t>();
+    p.beta = nb.data_ptr<scalar_t>();
+    p.wd = dw.data_ptr<scalar_t>();
+    p.bd = db.data_ptr<scalar_t>();
+    p.wu_t = wu_t.data_ptr<scalar_t>();
+    p.bu = ub.data_ptr<scalar_t>();
+    p.deep = deep.defined() ? deep.data_ptr<scalar_t>() : nullptr;
+    p.deep_scale = deep.defined() ? deep_scale.data_ptr<scalar_t>() : nullptr;
+    p.out = out.data_ptr<scalar_t>();
+    p.mean = mean.data_ptr<A>();
+    p.rstd = rstd.data_ptr<A>();
+    p.z = z.data_ptr<A>();
+    p.M = M;
+    p.N = static_cast<int>(N);
+    p.C = static_cast<int>(C);
+    p.r = static_cast<int>(r);
+    p.msg_sb = message.stride(0);
+    p.msg_sn = message.stride(1);
+    p.tgt_sb = target.stride(0);
+    p.tgt_sn = target.stride(1);
+    p.scale = static_cast<A>(scale);
+    p.eps = static_cast<A>(eps);
+    p.inv_keep = static_cast<A>(drop.inv_keep);
+    p.threshold = drop.threshold;
+    p.key_h = drop.key_h;
+    p.key_o = drop.key_o;
+    p.dropout = drop.active;
+    constexpr int V = 16 / sizeof(scalar_t);
+    bool vec = C % V == 0 && p.msg_sb % V == 0 && p.msg_sn % V == 0 && p.tgt_sb % V == 0 && p.tgt_sn % V == 0;
+    for (const void* ptr : {static_cast<const void*>(p.message), static_cast<const void*>(p.target),
+                            static_cast<const void*>(p.gamma), static_cast<const void*>(p.beta),
+                            static_cast<const void*>(p.wd), static_cast<const void*>(p.wu_t),
+                            static_cast<const void*>(p.bu), static_cast<const void*>(p.out),
+                            static_cast<const void*>(p.deep), static_cast<const void*>(p.deep_scale)}) {
+      vec = vec && aligned16(ptr);
+    }
+    if (vec) {
+      launch_fwd<scalar_t, V>(p, stream);
+    } else {
+      launch_fwd<scalar_t, 1>(p, stream);
+    }
+  });
+  return {out, mean, rstd, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& message_in, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in, const at::Tensor& z_in, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, const at::Tensor& down_weight, const at::Tensor& up_weight, double scale,
+    double dropout_p, int64_t seed) {
+  check_prompt_add_bwd_args(grad_out_in, message_in, mean_in, rstd_in, z_in, norm_weight, norm_bias, down_weight,
+                            up_weight, dropout_p, seed);
+  TORCH_CHECK(message_in.is_cuda(), "prompt_add_bwd (CUDA): tensors must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(message_in.device());
+  const at::Tensor grad_out = last_dim_contiguous(grad_out_in), message = last_dim_contiguous(message_in);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous(), z = z_in.contiguous();
+  const at::Tensor nw = norm_weight.contiguous(), nb = norm_bias.contiguous();
+  const at::Tensor dw = down_weight.contiguous(), wu_t = up_weight.t().contiguous();
+  const int64_t B = message.size(0), N = message.size(1), C = message.size(2), M = B * N, r = dw.size(0);
+  const auto stat = z.scalar_type();
+  const auto sopts = message.options().dtype(stat);
+  at::Tensor grad_message = at::empty({B, N, C}, message.options());
+  at::Tensor gz = at::empty({M, r}, sopts);
+  constexpr int64_t kMaxSplits = 64;
+  const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, (M + 255) / 256));
+  const int64_t rows_per_split = (M + splits0 - 1) / splits0;
+  const int64_t splits = (M + rows_per_split - 1) / rows_per_split;
+  at::Tensor part_w = at::empty({splits, C, r}, sopts);
+  at::Tensor part_a = at::empty({splits, r, C}, sopts);
+  at::Tensor part_b = at::empty({splits, C}, sopts);
+  const Dropout drop(dropout_p, seed);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, message.scalar_type(), "prompt_add_bwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    BwdParams<scalar_t> p;
+    p.grad = grad_out.data_ptr<scalar_t>();
+    p.message = message.data_ptr<scalar_t>();
+    p.mean = mean.data_ptr<A>();
+    p.rstd = rstd.data_ptr<A>();
+    p.z = z.data_ptr<A>();
+    p.gamma = nw.data_ptr<scalar_t>();
+    p.wd = dw.data_ptr<scalar_t>();
+    p.wu_t = wu_t.data_ptr<scalar_t>();
+    p.dx = grad_message.data_ptr<scalar_t>();
+    p.gz = gz.data_ptr<A>();
+    p.part_w = part_w.data_ptr<A>();
+    p.part_a = part_a.data_ptr<A>();
+    p.part_b = part_b.data_ptr<A>();
+    p.M = M;
+    p.grad_sb = grad_out.stride(0);
+    p.grad_sn = grad_out.stride(1);
+    p.msg_sb = message.stride(0);
+    p.msg_sn = message.stride(1);
+    p.rows_per_split = rows_per_split;
+    p.N = static_cast<int>(N);
+    p.C = static_cast<int>(C);
+    p.r = static_cast<int>(r);
+    p.scale = static_cast<A>(scale);
+    p.inv_keep = static_cast<A>(drop.inv_keep);
+    p.threshold = drop.threshold;
+    p.key_h = drop.key_h;
+    p.key_o = drop.key_o;
+    p.dropout = drop.active;
+    constexpr int V = 16 / sizeof(scalar_t);
+    bool vec = C % V == 0 && p.grad_sb % V == 0 && p.grad_sn % V == 0 && p.msg_sb % V == 0 && p.msg_sn % V == 0;
+    for (const void* ptr : {static_cast<const void*>(p.grad), static_cast<const void*>(p.message),
+                            static_cast<const void*>(p.gamma), static_cast<const void*>(p.wd),
+                            static_cast<const void*>(p.wu_t), static_cast<const void*>(p.dx)}) {
+      vec = vec && aligned16(ptr);
+    }
+    if (vec) {
+      launch_bwd_rows<scalar_t, V>(p, stream);
+    } else {
+      launch_bwd_rows<scalar_t, 1>(p, stream);
+    }
+    if (r <= 8) {
+      launch_bwd_cols<scalar_t, 8>(p, static_cast<int>(splits), stream);
+    } else if (r <= 16) {
+      launch_bwd_cols<scalar_t, 16>(p, static_cast<int>(splits), stream);
+    } else {
+      launch_bwd_cols<scalar_t, 32>(p, static_cast<int>(splits), stream);
+    }
+  });
+  // Parameter gradients from the split partials (ATen sums: fixed order, deterministic).
+  const at::Tensor up_w = part_w.sum(0), up_b = part_b.sum(0), a = part_a.sum(0), down_b = gz.sum(0);
+  const at::Tensor gamma = nw.to(stat), beta = nb.to(stat), wd = dw.to(stat);
+  const at::Tensor down_w = a * gamma.unsqueeze(0) + down_b.unsqueeze(1) * beta.unsqueeze(0);
+  const at::Tensor g_nw = (wd * a).sum(0), g_nb = at::matmul(down_b, wd);
+  const auto dt = message.scalar_type();
+  return {grad_message, g_nw.to(dt), g_nb.to(dt), down_w.to(dt), down_b.to(dt), up_w.to(dt), up_b.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sa2vp_kernels, CUDA, m) {
+  m.impl("prompt_add_fwd", &prompt_add_fwd_cuda);
+  m.impl("prompt_add_bwd", &prompt_add_bwd_cuda);
+}
+
+}  // namespace sa2vp

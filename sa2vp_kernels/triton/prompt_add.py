@@ -1,0 +1,309 @@
+"""Triton kernels of ``prompt_add`` (ops ``sa2vp_kernels::prompt_add_fwd_triton`` / ``_bwd_triton``).
+
+    out = target + scale * drop(up(drop(gelu(down(layer_norm(message)))))) [+ deep_scale * deep]
+
+Forward, one program per tile of ``BLOCK_M`` tokens holding whole rows of ``C`` channels: LayerNorm
+statistics in fp32, ``z = y @ down_weight^T`` and ``u = h @ up_weight^T`` as two small ``tl.dot`` with
+the rank padded to ``BLOCK_R >= 16``, the dropout masks from the shared counter-based hash, the
+residual and deep terms, one store.  It saves mean, rstd and ``z`` (tokens x r, fp32).
+
+Backward, two kernels and a few tiny host reductions:
+
+* ``_bwd_rows_kernel`` (token tiles): ``gu = scale * drop'(grad_out)``, ``gz = drop'(gu @ up_weight) *
+  gelu'(z)``, ``gy = gz @ down_weight`` and the LayerNorm backward into ``grad_message``; stores ``gz``.
+* ``_bwd_cols_kernel`` (channel tiles x token splits): the weight gradients as sums over tokens,
+  ``gu^T @ h``, ``sum gu`` and ``A = gz^T @ xhat``, one partial per split, added on the host in a
+  fixed order (deterministic, no atomics).  Then ``grad_down_weight = A * norm_weight + sum(gz) (x)
+  norm_bias``, ``grad_norm_weight = sum_j down_weight * A``, ``grad_norm_bias = sum(gz) @ down_weight``.
+
+Matrix products take the inputs' dtype (bf16/fp16 on tensor cores like PyTorch's own linear layers,
+fp32 in full IEEE precision, fp64 under the interpreter) and accumulate in fp32 (fp64 for fp64).
+Block sizes come from a small deterministic heuristic, no autotuning.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..reference.prompt_add import HIDDEN_STREAM, OUTPUT_STREAM, drop_threshold, stream_key
+
+_GOLDEN = 0x9E3779B9
+
+
+@triton.jit
+def _fmix32(x):
+    x ^= x >> 16
+    x = x * 0x85EBCA6B
+    x ^= x >> 13
+    x = x * 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _keep(rows, cols, key, threshold):
+    """Keep mask of the (rows x cols) tile of one dropout stream (see reference/prompt_add.py)."""
+    state = _fmix32(_fmix32(rows.to(tl.uint32)) ^ key.to(tl.uint32, bitcast=True))
+    u = _fmix32(state[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B9)[None, :])
+    return (u >> 1) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
+                uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
+                scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    acc_ty = z_ptr.dtype.element_ty
+    dot_ty = message_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    b = rows64 // N
+    n = rows64 % N
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+
+    # LayerNorm (statistics in fp32, fp64 for fp64 inputs).
+    x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    x = x.to(acc_ty)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(tile_ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    tl.store(mean_ptr + rows64, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
+    gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    beta = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    y = xc * rstd[:, None] * gamma[None, :] + beta[None, :]
+
+    # z = y @ down_weight^T + down_bias   (down_weight (R, C): tile element (c, j) at j * C + c)
+    wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    z = tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty)
+    z += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(acc_ty)[None, :]
+    tl.store(z_ptr + rows64[:, None] * R + rr[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
+    h = _gelu(z)
+    if DROPOUT:
+        h = tl.where(_keep(rows, rr, key_h, threshold), h * inv_keep, 0.0)
+
+    # u = h @ up_weight^T + up_bias   (up_weight (C, R): tile element (j, c) at c * R + j)
+    wu_t = tl.load(uw_ptr + cols[None, :] * R + rr[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    u = tl.dot(h.to(dot_ty), wu_t, input_precision="ieee", out_dtype=acc_ty)
+    u += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+    if DROPOUT:
+        u = tl.where(_keep(rows, cols, key_o, threshold), u * inv_keep, 0.0)
+    t = tl.load(target_ptr + (b * stride_tb + n * stride_tn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    out = t.to(acc_ty) + scale * u
+    if HAS_DEEP:
+        d = tl.load(deep_ptr + n[:, None] * C + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+        ds = tl.load(ds_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        out += ds[None, :] * d
+    tl.store(out_ptr + rows64[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
+                     M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep, threshold, key_h,
+                     key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    acc_ty = z_ptr.dtype.element_ty
+    dot_ty = message_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    b = rows64 // N
+    n = rows64 % N
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    low_ok = row_ok[:, None] & r_ok[None, :]
+
+    go = tl.load(grad_ptr + (b * stride_gb + n * stride_gn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    gu = go.to(acc_ty) * scale
+    if DROPOUT:
+        gu = tl.where(_keep(rows, cols, key_o, threshold), gu * inv_keep, 0.0)
+    # gh = gu @ up_weight   (up_weight (C, R): tile element (c, j) at c * R + j)
+    wu = tl.load(uw_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    gh = tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty)
+    if DROPOUT:
+        gh = tl.where(_keep(rows, rr, key_h, threshold), gh * inv_keep, 0.0)
+    z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+    gz = tl.where(low_ok, gh * _gelu_grad(z), 0.0)
+    tl.store(gz_ptr + rows64[:, None] * R + rr[None, :], gz, mask=low_ok)
+    # gy = gz @ down_weight   (down_weight (R, C): tile element (j, c) at j * C + c)
+    wd = tl.load(dw_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    gy = tl.dot(gz.to(dot_ty), wd, input_precision="ieee", out_dtype=acc_ty)
+
+    x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
+    xhat = tl.where(tile_ok, (x.to(acc_ty) - mean[:, None]) * rstd[:, None], 0.0)
+    gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    gyg = gy * gamma[None, :]
+    c1 = tl.sum(gyg, axis=1) / C
+    c2 = tl.sum(gyg * xhat, axis=1) / C
+    dx = rstd[:, None] * (gyg - c1[:, None] - xhat * c2[:, None])
+    tl.store(dx_ptr + rows64[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr,
+                     M, N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep,
+                     threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    acc_ty = z_ptr.dtype.element_ty
+    dot_ty = message_ptr.dtype.element_ty
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    acc_w = tl.zeros((BLOCK_C, BLOCK_R), dtype=acc_ty)  # gu^T @ h
+    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_ty)  # gz^T @ xhat
+    acc_b = tl.zeros((BLOCK_C,), dtype=acc_ty)          # sum of gu
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, M)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        b = rows64 // N
+        n = rows64 % N
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        low_ok = row_ok[:, None] & r_ok[None, :]
+        go = tl.load(grad_ptr + (b * stride_gb + n * stride_gn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+        gu = go.to(acc_ty) * scale
+        if DROPOUT:
+            gu = tl.where(_keep(rows, cols, key_o, threshold), gu * inv_keep, 0.0)
+        z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+        h = tl.where(low_ok, _gelu(z), 0.0)
+        if DROPOUT:
+            h = tl.where(_keep(rows, rr, key_h, threshold), h * inv_keep, 0.0)
+        acc_w += tl.dot(tl.trans(gu.to(dot_ty)), h.to(dot_ty), input_precision="ieee", out_dtype=acc_ty)
+        acc_b += tl.sum(gu, axis=0)
+        gz = tl.load(gz_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+        x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+        mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
+        xhat = tl.where(tile_ok, (x.to(acc_ty) - mean[:, None]) * rstd[:, None], 0.0)
+        acc_a += tl.dot(tl.trans(gz.to(dot_ty)), xhat.to(dot_ty), input_precision="ieee", out_dtype=acc_ty)
+    base = split.to(tl.int64) * C * R
+    tl.store(part_w_ptr + base + cols[:, None] * R + rr[None, :], acc_w, mask=col_ok[:, None] & r_ok[None, :])
+    tl.store(part_a_ptr + base + rr[:, None] * C + cols[None, :], acc_a, mask=r_ok[:, None] & col_ok[None, :])
+    tl.store(part_b_ptr + split.to(tl.int64) * C + cols, acc_b, mask=col_ok)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(C: int, r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps) of the token-tile kernels."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(16, triton.next_power_of_2(r))
+    block_m = 16
+    num_warps = min(16, max(4, block_m * block_c // 2048))
+    return block_m, block_c, block_r, num_warps
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    """(inv_keep, threshold, key_hidden, key_out) with the 32-bit keys as signed int32 values."""
+    if dropout_p == 0:
+        return 1.0, 0, 0, 0
+
+    def as_i32(k):
+        return k - (1 << 32) if k >= (1 << 31) else k
+
+    return (1.0 / (1.0 - dropout_p), drop_threshold(dropout_p), as_i32(stream_key(seed, HIDDEN_STREAM)),
+            as_i32(stream_key(seed, OUTPUT_STREAM)))
+
+
+@triton_op("sa2vp_kernels::prompt_add_fwd_triton", mutates_args=())
+def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weight: torch.Tensor,
+                          norm_bias: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
+                          up_weight: torch.Tensor, up_bias: torch.Tensor, deep: Optional[torch.Tensor],
+                          deep_scale: Optional[torch.Tensor], scale: float, dropout_p: float, eps: float,
+                          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, C = message.shape
+    M, r = B * N, down_weight.shape[0]
+    stat = _stat_dtype(message.dtype)
+    out = torch.empty((B, N, C), dtype=target.dtype, device=target.device)
+    mean = torch.empty((M,), dtype=stat, device=message.device)
+    rstd = torch.empty((M,), dtype=stat, device=message.device)
+    z = torch.empty((M, r), dtype=stat, device=message.device)
+    block_m, block_c, block_r, num_warps = _row_blocks(C, r)
+    inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
+    has_deep = deep is not None
+    wrap_triton(_fwd_kernel)[(triton.cdiv(M, block_m),)](
+        target, message, out, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias,
+        deep if has_deep else message, deep_scale if has_deep else norm_weight, M, N, C, r,
+        target.stride(0), target.stride(1), message.stride(0), message.stride(1),
+        scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP=has_deep, DROPOUT=dropout_p > 0,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+    return out, mean, rstd, z
+
+
+@triton_op("sa2vp_kernels::prompt_add_bwd_triton", mutates_args=())
+def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                          z: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                          down_weight: torch.Tensor, up_weight: torch.Tensor, scale: float, dropout_p: float,
+                          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor, torch.Tensor]:
+    B, N, C = message.shape
+    M, r = B * N, down_weight.shape[0]
+    stat = z.dtype
+    dev = message.device
+    inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
+    dropout = dropout_p > 0
+
+    grad_message = torch.empty((B, N, C), dtype=message.dtype, device=dev)
+    gz = torch.empty((M, r), dtype=stat, device=dev)
+    block_m, block_c, block_r, num_warps = _row_blocks(C, r)
+    wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
+        grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
+        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
+        key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+
+    # Weight gradients: channel tiles x token splits, partials added in split order.
+    cols_block = min(64, max(16, triton.next_power_of_2(C)))
+    rows_block = 64
+    splits = max(1, min(32, triton.cdiv(M, 4 * rows_block)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, rows_block), splits) * rows_block
+    splits = triton.cdiv(M, rows_per_split)
+    part_w = torch.empty((splits, C, r), dtype=stat, device=dev)
+    part_a = torch.empty((splits, r, C), dtype=stat, device=dev)
+    part_b = torch.empty((splits, C), dtype=stat, device=dev)
+    wrap_triton(_bwd_cols_kernel)[(triton.cdiv(C, cols_block), splits)](
+        grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, M, N, C, r, rows_per_split,
+        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
+        key_h, key_o, DROPOUT=dropout, BLOCK_M=rows_block, BLOCK_C=cols_block, BLOCK_R=block_r, num_warps=4)
+    grad_up_weight = part_w.sum(0)
+    grad_up_bias = part_b.sum(0)
+    a = part_a.sum(0)
+    grad_down_bias = gz.sum(0)
+    gamma, beta, wd = norm_weight.to(stat), norm_bias.to(stat), down_weight.to(stat)
+    grad_down_weight = a * gamma + grad_down_bias[:, None] * beta
+    grad_norm_weight = (wd * a).sum(0)
+    grad_norm_bias = grad_down_bias @ wd
+    dt = message.dtype
+    return (grad_message, grad_norm_weight.to(dt), grad_norm_bias.to(dt), grad_down_weight.to(dt),
+            grad_down_bias.to(dt), grad_up_weight.to(dt), grad_up_bias.to(dt))

@@ -1,0 +1,494 @@
+"""prompt_add on every backend against the unfused PyTorch composition."""
+import pytest
+import torch
+from torch import nn
+
+import sa2vp_kernels as sk
+from sa2vp_kernels import _ext
+from sa2vp_kernels.reference import prompt_add as ref
+from sa2vp_kernels.reference import prompt_add_reference
+
+CPU_BACKENDS = ["reference", "cpu", "triton"]
+GPU_BACKENDS = ["cuda", "triton"]
+NAMES = ["target", "message", "norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias",
+         "deep", "deep_scale"]
+
+
+def _inputs(B, N, C, r, *, deep=True, dtype=torch.float64, device="cpu", seed=0, requires_grad=False):
+    """Inputs on realistic scales: message rows with an offset and spread, weights like trained adapters."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean)
+
+    t = {
+        "target": rnd(B, N, C),
+        "message": rnd(B, N, C, std=2.0) + rnd(B, N, 1, std=0.5, mean=0.3),
+        "norm_weight": rnd(C, std=0.2, mean=1.0),
+        "norm_bias": rnd(C, std=0.1),
+        "down_weight": rnd(r, C, std=C ** -0.5),
+        "down_bias": rnd(r, std=0.1),
+        "up_weight": rnd(C, r, std=r ** -0.5),
+        "up_bias": rnd(C, std=0.1),
+        "deep": rnd(1, N, C) if deep else None,
+        "deep_scale": rnd(C, std=0.5) if deep else None,
+    }
+    return {k: None if v is None else v.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+            for k, v in t.items()}
+
+
+def _call(fn, t, scale, **kw):
+    return fn(t["target"], t["message"], scale, t["norm_weight"], t["norm_bias"], t["down_weight"],
+              t["down_bias"], t["up_weight"], t["up_bias"], deep=t["deep"], deep_scale=t["deep_scale"], **kw)
+
+
+def _reference(t, scale, dropout_p=0.0, seed=None, eps=1e-6):
+    return prompt_add_reference(t["target"], t["message"], scale, t["norm_weight"], t["norm_bias"],
+                                t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["deep"],
+                                t["deep_scale"], dropout_p, eps, seed)
+
+
+def _grads(out, t, grad_out):
+    names = [k for k in NAMES if t[k] is not None]
+    grads = torch.autograd.grad(out, [t[k] for k in names], grad_out)
+    return dict(zip(names, grads))
+
+
+# ---- the dropout hash ---------------------------------------------------------------------------
+
+
+def _hash_by_hand(seed, stream, row, col):
+    m32 = 0xFFFFFFFF
+
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) % 2**32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) % 2**32
+        return x ^ (x >> 16)
+
+    key = fmix(fmix((seed >> 32) ^ (stream * 0x9E3779B9 % 2**32)) ^ (seed & m32))
+    return fmix(fmix(fmix(row) ^ key) ^ (col * 0x9E3779B9 % 2**32))
+
+
+def test_fmix32_known_values():
+    # murmur3's finaliser: 0 is a fixed point, and fmix32(1) is a published constant of the mixer.
+    assert ref.fmix32(0) == 0
+    assert ref.fmix32(1) == 0x514E28B7
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 17, 2**63 - 1])
+def test_hash_tensor_matches_scalar_definition(seed):
+    u = ref.dropout_hash(37, 29, seed, ref.OUTPUT_STREAM)
+    for row, col in [(0, 0), (0, 28), (36, 0), (17, 11), (36, 28)]:
+        assert u[row, col].item() == _hash_by_hand(seed, ref.OUTPUT_STREAM, row, col)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_statistics(p):
+    rows, cols = 2048, 768
+    keep = ref.dropout_keep_mask(rows, cols, 7, ref.OUTPUT_STREAM, p)
+    n = rows * cols
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs((1 - keep.double().mean().item()) - p) < 5 * sigma
+    # no structure along rows or columns: per-row and per-column drop rates spread like binomials
+    per_col = 1 - keep.double().mean(0)
+    per_row = 1 - keep.double().mean(1)
+    assert per_col.std().item() < 1.5 * (p * (1 - p) / rows) ** 0.5
+    assert per_row.std().item() < 1.5 * (p * (1 - p) / cols) ** 0.5
+    # neighbours are uncorrelated
+    k = keep.double() - keep.double().mean()
+    corr_c = (k[:, 1:] * k[:, :-1]).mean() / k.var()
+    corr_r = (k[1:] * k[:-1]).mean() / k.var()
+    assert abs(corr_c.item()) < 0.01 and abs(corr_r.item()) < 0.01
+
+
+def test_streams_and_seeds_give_different_masks():
+    a = ref.dropout_keep_mask(64, 64, 3, ref.HIDDEN_STREAM, 0.5)
+    b = ref.dropout_keep_mask(64, 64, 3, ref.OUTPUT_STREAM, 0.5)
+    c = ref.dropout_keep_mask(64, 64, 4, ref.HIDDEN_STREAM, 0.5)
+    assert (a != b).double().mean() > 0.4 and (a != c).double().mean() > 0.4
+    assert torch.equal(a, ref.dropout_keep_mask(64, 64, 3, ref.HIDDEN_STREAM, 0.5))
+
+
+# ---- forward and backward against the reference ------------------------------------------------
+
+SHAPES = [(1, 3, 24, 3), (3, 7, 40, 8), (2, 7, 24, 8), (2, 5, 40, 3)]
+
+
+def _shape_id(s):
+    return "B{}-N{}-C{}-r{}".format(*s)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_matches_reference_float64(backend, shape, deep, dropout_p):
+    t = _inputs(*shape, deep=deep, requires_grad=True, seed=1)
+    out = _call(sk.prompt_add, t, 0.7, dropout_p=dropout_p, seed=99, backend=backend)
+    expect = _reference(t, 0.7, dropout_p, seed=99)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    got, want = _grads(out, t, go), _grads(expect, t, go)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-11, atol=1e-11, msg=name)
+
+
+def test_reference_by_hand():
+    # one token, C = 2, r = 1: every step written out.
+    C = 2
+    x = torch.tensor([[[1.0, 3.0]]], dtype=torch.float64)
+    t = torch.tensor([[[0.5, -0.5]]], dtype=torch.float64)
+    xhat = torch.tensor([-1.0, 1.0], dtype=torch.float64) / (1.0 + 1e-6) ** 0.5  # var = 1
+    y = xhat * torch.tensor([2.0, 1.0], dtype=torch.float64) + torch.tensor([0.0, 1.0], dtype=torch.float64)
+    zval = (y * torch.tensor([0.5, -0.25], dtype=torch.float64)).sum() + 0.1
+    h = zval * 0.5 * (1 + torch.erf(zval / 2 ** 0.5))
+    u = h * torch.tensor([1.0, -2.0], dtype=torch.float64) + torch.tensor([0.0, 0.3], dtype=torch.float64)
+    expect = t + 0.25 * u
+    out = prompt_add_reference(t, x, 0.25, torch.tensor([2.0, 1.0], dtype=torch.float64),
+                               torch.tensor([0.0, 1.0], dtype=torch.float64),
+                               torch.tensor([[0.5, -0.25]], dtype=torch.float64),
+                               torch.tensor([0.1], dtype=torch.float64),
+                               torch.tensor([[1.0], [-2.0]], dtype=torch.float64),
+                               torch.tensor([0.0, 0.3], dtype=torch.float64))
+    assert out.shape == (1, 1, C)
+    torch.testing.assert_close(out, expect.view(1, 1, C), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
+def test_gradcheck(backend, shape, deep):
+    t = _inputs(*shape, deep=deep, requires_grad=True, seed=2)
+    names = [k for k in NAMES if t[k] is not None]
+
+    def fn(*args):
+        d = dict(zip(names, args))
+        d.setdefault("deep", None)
+        d.setdefault("deep_scale", None)
+        return _call(sk.prompt_add, d, 0.6, backend=backend)
+
+    # the full Jacobian for the smallest shape, random projections of it elsewhere
+    assert torch.autograd.gradcheck(fn, [t[k] for k in names], fast_mode=shape != SHAPES[0] or backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_with_dropout(backend):
+    # a fixed seed makes the function deterministic: the backward must use the forward's masks.
+    t = _inputs(2, 5, 24, 8, deep=True, requires_grad=True, seed=3)
+    names = list(NAMES)
+
+    def fn(*args):
+        return _call(sk.prompt_add, dict(zip(names, args)), 1.3, dropout_p=0.4, seed=2024, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, [t[k] for k in names], fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_seed_behaviour(backend):
+    t = _inputs(2, 9, 40, 8, seed=4)
+    a = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, seed=11, backend=backend)
+    b = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, seed=11, backend=backend)
+    c = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, seed=12, backend=backend)
+    assert torch.equal(a, b)
+    assert (a != c).double().mean() > 0.3
+    torch.manual_seed(5)
+    d = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, backend=backend)
+    torch.manual_seed(5)
+    e = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, backend=backend)
+    f = _call(sk.prompt_add, t, 1.0, dropout_p=0.5, backend=backend)
+    assert torch.equal(d, e) and not torch.equal(e, f)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_rate_and_scaling(backend):
+    # up = identity-like map from a constant hidden: every output element is either 0 or scaled by 1/(1-p).
+    B, N, C, r, p = 2, 64, 40, 8, 0.25
+    t = _inputs(B, N, C, r, deep=False, seed=6)
+    t["target"] = torch.zeros_like(t["target"])
+    t["up_weight"] = torch.zeros_like(t["up_weight"])
+    t["up_bias"] = torch.ones_like(t["up_bias"])
+    out = _call(sk.prompt_add, t, 1.0, dropout_p=p, seed=8, backend=backend)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    n = out.numel()
+    assert abs((1 - kept.double().mean().item()) - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_p_zero_needs_no_seed_and_is_deterministic():
+    t = _inputs(2, 5, 24, 3, seed=7)
+    a = _call(sk.prompt_add, t, 0.5, backend="reference")
+    b = _call(sk.prompt_add, t, 0.5, backend="reference", seed=123)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_inputs_and_expanded_grad(backend):
+    B, N, C, r = 2, 7, 40, 8
+    t = _inputs(B, N, C, r, seed=9)
+    big_t = torch.randn(N + 2, B, C + 8, dtype=torch.float64)
+    big_m = torch.randn(B, N + 3, C, dtype=torch.float64)
+    t["target"] = big_t[1:N + 1, :, 3:C + 3].transpose(0, 1).requires_grad_(False)
+    t["message"] = big_m[:, 2:].clone()[:, :N].requires_grad_(True)
+    m_view = big_m[:, 3:].requires_grad_(False)
+    t2 = dict(t, message=m_view)
+    for d in (t, t2):
+        out = _call(sk.prompt_add, d, 0.9, dropout_p=0.2, seed=5, backend=backend)
+        torch.testing.assert_close(out, _reference(d, 0.9, 0.2, seed=5), rtol=1e-12, atol=1e-12)
+    # out.sum() backpropagates an expanded (stride 0) gradient
+    out = _call(sk.prompt_add, t, 0.9, dropout_p=0.2, seed=5, backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), [t["message"]])
+    (g_ref,) = torch.autograd.grad(_reference(t, 0.9, 0.2, seed=5).sum(), [t["message"]])
+    torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_backward_is_deterministic(backend):
+    t = _inputs(3, 37, 40, 8, requires_grad=True, dtype=torch.float32, seed=10)
+    go = torch.randn(3, 37, 40)
+    runs = []
+    for _ in range(2):
+        out = _call(sk.prompt_add, t, 0.4, dropout_p=0.1, seed=3, backend=backend)
+        runs.append(_grads(out, t, go))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_only_some_inputs_require_grad():
+    t = _inputs(2, 5, 24, 3, seed=11)
+    t["up_weight"].requires_grad_(True)
+    t["deep_scale"].requires_grad_(True)
+    out = _call(sk.prompt_add, t, 0.5, backend="cpu")
+    gw, gs = torch.autograd.grad(out.sum(), [t["up_weight"], t["deep_scale"]])
+    wr = t["up_weight"].detach().requires_grad_(True)
+    sr = t["deep_scale"].detach().requires_grad_(True)
+    out_ref = _reference(dict(t, up_weight=wr, deep_scale=sr), 0.5)
+    gw_ref, gs_ref = torch.autograd.grad(out_ref.sum(), [wr, sr])
+    torch.testing.assert_close(gw, gw_ref)
+    torch.testing.assert_close(gs, gs_ref)
+
+
+# ---- against the unfused nn composition, ViT-B sizes ----------------------------------------------
+
+
+class _Unfused(nn.Module):
+    def __init__(self, C, r, p):
+        super().__init__()
+        self.norm = nn.LayerNorm(C, eps=1e-6)
+        self.down = nn.Linear(C, r)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(p)
+        self.up = nn.Linear(r, C)
+        self.drop2 = nn.Dropout(p)
+
+    def forward(self, target, message, scale, deep, deep_scale):
+        return target + scale * self.drop2(self.up(self.drop1(self.act(self.down(self.norm(message)))))) + \
+            deep_scale * deep
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_matches_unfused_nn_composition_vit_b(backend):
+    B, N, C, r = 4, 197, 768, 16
+    torch.manual_seed(12)
+    mod = _Unfused(C, r, 0.0)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    target = torch.randn(B, N, C, requires_grad=True)
+    message = (torch.randn(B, N, C) * 3 + 0.5).requires_grad_(True)
+    deep = torch.randn(1, N, C, requires_grad=True)
+    deep_scale = (torch.randn(C) * 0.02).requires_grad_(True)
+    expect = mod(target, message, 0.1, deep, deep_scale)
+    out = sk.prompt_add(target, message, 0.1, mod.norm.weight, mod.norm.bias, mod.down.weight, mod.down.bias,
+                        mod.up.weight, mod.up.bias, deep=deep, deep_scale=deep_scale, backend=backend)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    leaves = [target, message, deep, deep_scale, *mod.parameters()]
+    want = torch.autograd.grad(expect, leaves, go)
+    got = torch.autograd.grad(out, leaves, go)
+    for w, g in zip(want, got):
+        scale_ = w.abs().max().item()
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, scale_))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    t = _inputs(2, 5, 24, 3, dtype=torch.float32, seed=13)
+    kw = {"scale": 0.5, "dropout_p": 0.0, "backend": "reference", "seed": None, "eps": 1e-6}
+    for k, v in changes.items():
+        (kw if k in kw else t)[k] = v
+    scale = kw.pop("scale")
+    return t, scale, kw
+
+
+BAD = [
+    ({"message": torch.randn(2, 5, 25)}, ValueError, "same shape"),
+    ({"target": torch.randn(2, 5)}, ValueError, "target must be a 3-D"),
+    ({"norm_weight": torch.randn(23)}, ValueError, "norm_weight"),
+    ({"down_weight": torch.randn(3, 23)}, ValueError, "down_weight"),
+    ({"down_bias": torch.randn(4)}, ValueError, "down_bias"),
+    ({"up_weight": torch.randn(24, 4)}, ValueError, "inner dimension 4"),
+    ({"up_bias": torch.randn(3)}, ValueError, "up_bias"),
+    ({"deep": torch.randn(2, 5, 24)}, ValueError, "deep must have shape"),
+    ({"deep_scale": None}, ValueError, "together"),
+    ({"deep_scale": torch.randn(5)}, ValueError, "deep_scale must have shape"),
+    ({"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ({"dropout_p": -0.1}, ValueError, "dropout_p"),
+    ({"backend": "fast"}, ValueError, "backend"),
+    ({"message": torch.ones(2, 5, 24, dtype=torch.int64)}, TypeError, "floating-point"),
+    ({"up_weight": torch.randn(24, 3, dtype=torch.float64)}, TypeError, "dtype"),
+    ({"target": torch.randn(2, 5, 24, dtype=torch.float16)}, TypeError, "dtype"),
+    ({"message": torch.randn(2, 5, 24, dtype=torch.bfloat16),
+      "target": torch.randn(2, 5, 24, dtype=torch.bfloat16)}, TypeError, "supported dtypes"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"seed": 1.5}, ValueError, "seed"),
+    ({"scale": "big"}, TypeError, "scale"),
+    ({"scale": torch.tensor(1.0)}, TypeError, "scale"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input(changes, exc, match):
+    t, scale, kw = _bad(**changes)
+    with pytest.raises(exc, match=match):
+        _call(sk.prompt_add, t, scale, **kw)
+
+
+def test_bad_device():
+    t, scale, kw = _bad(deep=torch.randn(1, 5, 24, device="meta"))
+    with pytest.raises(ValueError, match="device"):
+        _call(sk.prompt_add, t, scale, **kw)
+
+
+@pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
+def test_cpu_backend_rejects_cuda_only_requests():
+    t, scale, kw = _bad(backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        _call(sk.prompt_add, t, scale, **kw)
+
+
+@pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
+def test_compiled_op_checks_its_arguments():
+    t = _inputs(2, 5, 24, 3, dtype=torch.float32, seed=14)
+    with pytest.raises(RuntimeError, match="up_weight must be"):
+        torch.ops.sa2vp_kernels.prompt_add_fwd(t["target"], t["message"], t["norm_weight"], t["norm_bias"],
+                                               t["down_weight"], t["down_bias"], torch.randn(24, 4),
+                                               t["up_bias"], None, None, 1.0, 0.0, 1e-6, 0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        torch.ops.sa2vp_kernels.prompt_add_fwd(t["target"], t["message"], t["norm_weight"], t["norm_bias"],
+                                               t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"],
+                                               None, None, 1.0, 1.5, 1e-6, 0)
+
+
+# ---- registration: opcheck and torch.compile -----------------------------------------------------
+
+
+def _op_args(deep, p, device="cpu", requires_grad=False):
+    t = _inputs(2, 5, 24, 3, deep=deep, seed=15, device=device, requires_grad=requires_grad)
+    return (t["target"], t["message"], t["norm_weight"], t["norm_bias"], t["down_weight"], t["down_bias"],
+            t["up_weight"], t["up_bias"], t["deep"], t["deep_scale"], 0.8, p, 1e-6, 77)
+
+
+def _opcheck(fwd, bwd, deep, p, device="cpu"):
+    args = _op_args(deep, p, device=device)
+    torch.library.opcheck(fwd, args)
+    torch.library.opcheck(fwd, _op_args(deep, p, device=device, requires_grad=True))
+    out, mean, rstd, z = fwd(*args)
+    go = torch.randn_like(out)
+    torch.library.opcheck(bwd, (go, args[1], mean, rstd, z, args[2], args[3], args[4], args[6], 0.8, p, 77))
+
+
+@pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
+@pytest.mark.parametrize("deep,p", [(False, 0.0), (True, 0.3)])
+def test_opcheck_cpu(deep, p):
+    _opcheck(torch.ops.sa2vp_kernels.prompt_add_fwd.default, torch.ops.sa2vp_kernels.prompt_add_bwd.default,
+             deep, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("deep,p", [(False, 0.0), (True, 0.3)])
+def test_opcheck_gpu(backend, deep, p):
+    # (the Triton ops cannot run on fake tensors under the interpreter, so they are checked on GPU)
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.sa2vp_kernels, "prompt_add_fwd" + suffix).default
+    bwd = getattr(torch.ops.sa2vp_kernels, "prompt_add_bwd" + suffix).default
+    _opcheck(fwd, bwd, deep, p, device="cuda")
+
+
+@pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torch_compile_fullgraph(p):
+    t = _inputs(2, 5, 24, 3, dtype=torch.float32, seed=16, requires_grad=True)
+
+    def fn(target, message, nw, nb, dw, db, uw, ub, deep, ds):
+        out = sk.prompt_add(target, message, 0.5, nw, nb, dw, db, uw, ub, deep=deep, deep_scale=ds,
+                            dropout_p=p, seed=21, backend="cpu")
+        return (out * out).sum()
+
+    args = [t[k] for k in NAMES]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args)
+    expect = fn(*args)
+    torch.testing.assert_close(loss, expect)
+    g = torch.autograd.grad(loss, args)
+    g_ref = torch.autograd.grad(expect, args)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+# ---- GPU: every backend in every dtype against float64, bounded by PyTorch's own error ------------
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(4, 197, 768, 16), (3, 37, 40, 3), (2, 50, 1024, 64)], ids=_shape_id)
+def test_gpu_against_float64(backend, dtype, dropout_p, shape):
+    t64 = _inputs(*shape, device="cuda", requires_grad=True, seed=17)
+    t = {k: None if v is None else v.detach().to(dtype).requires_grad_(True) for k, v in t64.items()}
+    # the exact answer for the rounded inputs, and what plain PyTorch gets in this dtype
+    t_ex = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in t.items()}
+    exact = _reference(t_ex, 0.1, dropout_p, seed=31)
+    plain = _reference(t, 0.1, dropout_p, seed=31)
+    out = _call(sk.prompt_add, t, 0.1, dropout_p=dropout_p, seed=31, backend=backend)
+    assert out.dtype == dtype
+    tiny = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    assert _err(out, exact) <= 2 * _err(plain, exact) + tiny
+    go = torch.randn(shape[:3], device="cuda", dtype=torch.float64)
+    g_ex = _grads(exact, t_ex, go)
+    g_plain = _grads(plain, t, go.to(dtype))
+    g = _grads(out, t, go.to(dtype))
+    for name in g_ex:
+        ref_scale = g_ex[name].abs().max().item()
+        assert g[name].dtype == dtype
+        assert _err(g[name], g_ex[name]) <= 2 * _err(g_plain[name], g_ex[name]) + tiny * ref_scale, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_identical_masks(dtype):
+    t = _inputs(3, 197, 768, 16, deep=False, device="cuda", dtype=dtype, seed=18)
+    t["target"] = torch.zeros_like(t["target"])
+    outs = [_call(sk.prompt_add, t, 1.0, dropout_p=0.1, seed=44, backend=b) for b in ("cuda", "triton", "reference")]
+    zero = [o == 0 for o in outs]
+    assert torch.equal(zero[0], zero[2]) and torch.equal(zero[1], zero[2])
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    t = _inputs(8, 197, 768, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True, seed=19)
+    go = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16)
+    for backend in GPU_BACKENDS:
+        runs = [_grads(_call(sk.prompt_add, t, 0.1, dropout_p=0.1, seed=1, backend=backend), t, go)
+                for _ in range(2)]
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], runs[1][name]), (backend, name)
