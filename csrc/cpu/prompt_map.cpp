@@ -1,14 +1,20 @@
 // CPU kernels of prompt_map: out = resample(embed) @ weight.T + bias + pos_embed (float32 / float64).
 //
-// Forward: one pass over the output tokens; each gathers its (up to 4) source rows, blends them and
-// adds the small matvec with the weight to bias + pos_embed.
-// Backward (deterministic, every sum in a fixed order):
-//   d_res   = grad @ weight                  (N, r)
-//   d_embed = adjoint resampling of d_res    gathered per source row over the outputs it reaches
-//   d_weight = grad^T @ res, d_bias = column sums of grad   (res recomputed, it is tiny)
+// The three small products (forward res @ weight.T, backward grad @ weight and grad^T @ res) are all
+// sums of rank-1 updates of a kTok x kLanes register tile, accumulated in a fixed order: the inner
+// loops vectorize without reassociating sums, and every result is bitwise reproducible.
+//
+// Forward: per block of kTok tokens, gather and blend each token's (up to 4) source rows, then one
+//   tile per kLanes channels, plus bias and pos_embed.
+// Backward:
+//   d_res    = grad @ weight       (N, r)  tiles of kTok tokens x kLanes columns
+//   d_weight = grad^T @ res        (C, r)  tiles of kTok channels x kLanes columns (res recomputed)
+//   d_bias   = column sums of grad
+//   d_embed  = adjoint resampling of d_res, gathered per source row over the outputs it reaches.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "prompt_map.h"
@@ -16,6 +22,27 @@
 namespace sa2vp {
 namespace prompt_map {
 namespace {
+
+constexpr int64_t kTok = 4;
+constexpr int64_t kLanes = 8;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// acc[t][j] += sum_i v[t][i * v_step] * w[i * w_step + j] for i < count, in increasing i. The operands
+// of each step are copied to locals first and the function is not inlined: then the compiler keeps
+// acc in vector registers and vectorizes over j, instead of turning the loop over i into slow in-order
+// vector reductions.
+template <typename scalar_t>
+C10_NOINLINE void rank1_tile(scalar_t (&acc)[kTok][kLanes], const scalar_t* const (&v)[kTok], int64_t v_step,
+                       const scalar_t* w, int64_t w_step, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    scalar_t vi[kTok], wi[kLanes];
+    for (int64_t t = 0; t < kTok; ++t) vi[t] = v[t][i * v_step];
+    for (int64_t j = 0; j < kLanes; ++j) wi[j] = w[i * w_step + j];
+    for (int64_t t = 0; t < kTok; ++t)
+      for (int64_t j = 0; j < kLanes; ++j) acc[t][j] += vi[t] * wi[j];
+  }
+}
 
 // Writes row n of resample(embed) (r values) to `row`.
 template <typename scalar_t>
@@ -27,22 +54,34 @@ inline void resampled_row(const scalar_t* embed, const Shape& s, int64_t n, scal
 template <typename scalar_t>
 void forward_kernel(const scalar_t* embed, const scalar_t* weight, const scalar_t* bias, const scalar_t* pos,
                     scalar_t* out, const Shape& s) {
-  // weight transposed to (r, C) so that the inner loop runs over contiguous channels.
-  std::vector<scalar_t> wt(s.r * s.C);
+  // weight transposed to (r, Cp), channels zero-padded to whole tiles.
+  const int64_t Cp = round_up(s.C, kLanes);
+  std::vector<scalar_t> wt(s.r * Cp, scalar_t(0));
   for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t k = 0; k < s.r; ++k) wt[k * s.C + c] = weight[c * s.r + k];
-  at::parallel_for(0, s.N, 8, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> row(s.r);
-    for (int64_t n = begin; n < end; ++n) {
-      resampled_row(embed, s, n, row.data());
-      scalar_t* o = out + n * s.C;
-      for (int64_t c = 0; c < s.C; ++c) {
-        o[c] = (bias ? bias[c] : scalar_t(0)) + (pos ? pos[n * s.C + c] : scalar_t(0));
+    for (int64_t k = 0; k < s.r; ++k) wt[k * Cp + c] = weight[c * s.r + k];
+  const int64_t blocks = (s.N + kTok - 1) / kTok;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> rows(kTok * s.r);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kTok, nt = std::min(kTok, s.N - n0);
+      const scalar_t* v[kTok];
+      for (int64_t t = 0; t < kTok; ++t) {
+        resampled_row(embed, s, n0 + std::min(t, nt - 1), rows.data() + t * s.r);
+        v[t] = rows.data() + t * s.r;
       }
-      for (int64_t k = 0; k < s.r; ++k) {
-        const scalar_t v = row[k];
-        const scalar_t* w = wt.data() + k * s.C;
-        for (int64_t c = 0; c < s.C; ++c) o[c] += v * w[c];
+      for (int64_t c0 = 0; c0 < s.C; c0 += kLanes) {
+        scalar_t acc[kTok][kLanes] = {};
+        rank1_tile(acc, v, 1, wt.data() + c0, Cp, s.r);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t n = n0 + t;
+          for (int64_t j = 0; j < std::min(kLanes, s.C - c0); ++j) {
+            const int64_t c = c0 + j;
+            scalar_t o = acc[t][j];
+            if (bias) o += bias[c];
+            if (pos) o += pos[n * s.C + c];
+            out[n * s.C + c] = o;
+          }
+        }
       }
     }
   });
@@ -51,36 +90,42 @@ void forward_kernel(const scalar_t* embed, const scalar_t* weight, const scalar_
 template <typename scalar_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* embed, const scalar_t* weight, scalar_t* d_embed,
                      scalar_t* d_weight, scalar_t* d_bias, const Shape& s) {
-  std::vector<scalar_t> res(s.N * s.r), d_res(s.N * s.r);
-  at::parallel_for(0, s.N, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      resampled_row(embed, s, n, res.data() + n * s.r);
-      scalar_t* d = d_res.data() + n * s.r;
-      for (int64_t k = 0; k < s.r; ++k) d[k] = scalar_t(0);
-      for (int64_t c = 0; c < s.C; ++c) {
-        const scalar_t g = grad[n * s.C + c];
-        const scalar_t* w = weight + c * s.r;
-        for (int64_t k = 0; k < s.r; ++k) d[k] += g * w[k];
+  // res and weight with their columns zero-padded to whole tiles (row stride rp).
+  const int64_t rp = round_up(s.r, kLanes);
+  std::vector<scalar_t> res(s.N * rp, scalar_t(0)), d_res(s.N * s.r), wp(s.C * rp, scalar_t(0));
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t k = 0; k < s.r; ++k) wp[c * rp + k] = weight[c * s.r + k];
+  const int64_t token_blocks = (s.N + kTok - 1) / kTok;
+  at::parallel_for(0, token_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kTok, nt = std::min(kTok, s.N - n0);
+      const scalar_t* g[kTok];
+      for (int64_t t = 0; t < kTok; ++t) g[t] = grad + (n0 + std::min(t, nt - 1)) * s.C;
+      for (int64_t t = 0; t < nt; ++t) resampled_row(embed, s, n0 + t, res.data() + (n0 + t) * rp);
+      for (int64_t k0 = 0; k0 < s.r; k0 += kLanes) {
+        scalar_t acc[kTok][kLanes] = {};
+        rank1_tile(acc, g, 1, wp.data() + k0, rp, s.C);
+        for (int64_t t = 0; t < nt; ++t)
+          for (int64_t j = 0; j < std::min(kLanes, s.r - k0); ++j) d_res[(n0 + t) * s.r + k0 + j] = acc[t][j];
       }
     }
   });
-  // d_weight and d_bias: blocks of channels, tokens summed in order.
-  constexpr int64_t kBlockC = 64;
-  at::parallel_for(0, (s.C + kBlockC - 1) / kBlockC, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * kBlockC, c1 = std::min(s.C, c0 + kBlockC);
-      for (int64_t c = c0; c < c1; ++c) {
-        d_bias[c] = scalar_t(0);
-        for (int64_t k = 0; k < s.r; ++k) d_weight[c * s.r + k] = scalar_t(0);
+  const int64_t channel_blocks = (s.C + kTok - 1) / kTok;
+  at::parallel_for(0, channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * kTok, ct = std::min(kTok, s.C - c0);
+      const scalar_t* g[kTok];
+      for (int64_t t = 0; t < kTok; ++t) g[t] = grad + c0 + std::min(t, ct - 1);
+      for (int64_t k0 = 0; k0 < s.r; k0 += kLanes) {
+        scalar_t acc[kTok][kLanes] = {};
+        rank1_tile(acc, g, s.C, res.data() + k0, rp, s.N);
+        for (int64_t t = 0; t < ct; ++t)
+          for (int64_t j = 0; j < std::min(kLanes, s.r - k0); ++j) d_weight[(c0 + t) * s.r + k0 + j] = acc[t][j];
       }
-      for (int64_t n = 0; n < s.N; ++n) {
-        const scalar_t* rn = res.data() + n * s.r;
-        for (int64_t c = c0; c < c1; ++c) {
-          const scalar_t g = grad[n * s.C + c];
-          scalar_t* dw = d_weight + c * s.r;
-          for (int64_t k = 0; k < s.r; ++k) dw[k] += g * rn[k];
-          d_bias[c] += g;
-        }
+      for (int64_t t = 0; t < ct; ++t) {
+        scalar_t sum = scalar_t(0);
+        for (int64_t n = 0; n < s.N; ++n) sum += grad[n * s.C + c0 + t];
+        d_bias[c0 + t] = sum;
       }
     }
   });
