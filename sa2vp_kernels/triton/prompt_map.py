@@ -57,6 +57,7 @@ def _tap_weight(dst, src, in_size, out_size, FP64: tl.constexpr):
 def _adjoint_range(src, in_size, out_size):
     """Output indices ``[lo, hi]`` that contain every output whose taps reach source index ``src``
     (source coordinate in ``[src - 1, src + 1)``, widened by one each side against rounding)."""
+    in_size = tl.zeros([], tl.int32) + in_size  # a tensor even when the size arrives as a constant
     num_lo = tl.maximum(2 * out_size * (src - 1) + out_size - in_size, 0)
     num_hi = tl.maximum(2 * out_size * (src + 1) + out_size - in_size, 0)
     lo = tl.maximum(num_lo // (2 * in_size) - 1, 0)
