@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import sa2vp
-import sa2vp_kernels
 from naive_sa2vp_swin import NaiveSA2VPSwin
 from sa2vp.swin import (
     SA2VPSwin,
