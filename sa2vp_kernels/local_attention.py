@@ -107,6 +107,12 @@ def _check_args(q, k, v, grid, window, num_prefix, border, scale):
     return gh, gw, float(scale)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    # evaluated once at trace time under torch.compile (the kernel registry queries are not traceable)
+    return resolve_backend(backend, device, "local_attn_fwd")
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -129,7 +135,7 @@ def local_cross_attention(q, k, v, grid, *, window=3, num_prefix=1, border="clip
         ``(B, heads, N, head_dim)`` tensor, dtype of ``q``.
     """
     gh, gw, scale = _check_args(q, k, v, grid, window, num_prefix, border, scale)
-    backend = resolve_backend(backend, q.device, "local_attn_fwd")
+    backend = _resolve_backend(backend, q.device)
     if backend == "reference":
         return _ref.local_cross_attention_vectorized(q, k, v, (gh, gw), window, num_prefix, border, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

@@ -85,7 +85,7 @@ def test_forward_and_lse_match_oracle(backend, case, border):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_gradcheck_float64(backend, case, border):
     grid, window, T, H, D = case
-    q, k, v = _rand(1 if backend == "triton" else 2, H, T + grid[0] * grid[1], D, requires_grad=True, seed=2)
+    q, k, v = _rand(1, H, T + grid[0] * grid[1], D, requires_grad=True, seed=2)
 
     def fn(q, k, v):
         return sk.local_cross_attention(q, k, v, grid, window=window, num_prefix=T, border=border,
