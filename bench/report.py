@@ -19,6 +19,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDER_ORDER = ("auto", "cuda", "triton", "cpu", "reference", "unfused", "unfused_compiled", "sdpa_masked",
                   "flex", "natten")
 PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "train", "infer")
+MIN_BW_BYTES = 16 << 20  # smaller working sets sit in cache: a fraction of memory bandwidth means little
 SECTIONS = {
     "attention": "Local cross attention",
     "windows": "Local cross attention: window size",
@@ -50,7 +51,7 @@ def _cell(rec: dict | None, show_bw: bool) -> str:
     if rec.get("ms_graph") is not None:
         text += f" / {_fmt_ms(rec['ms_graph'])}"
     frac = rec.get("bw_frac_graph", rec.get("bw_frac"))
-    if show_bw and frac is not None:
+    if show_bw and frac is not None and rec.get("bytes", 0) >= MIN_BW_BYTES:
         text += f" ({100 * frac:.0f}%)"
     return text
 
@@ -155,7 +156,8 @@ def header(results: dict) -> list:
     if bw:
         lines.append(f"Measured copy bandwidth: {bw['gbps']:.0f} GB/s (bytes read + written). {times}; the "
                      f"percentage is the achieved fraction of that bandwidth for the fewest bytes the op must "
-                     f"move{' (from the graph time)' if graphs else ''}.")
+                     f"move{' (from the graph time)' if graphs else ''}, shown where that is at least "
+                     f"{MIN_BW_BYTES >> 20} MiB.")
     else:
         lines.append(f"{times}.")
     if meta.get("auto_backend"):
