@@ -4,7 +4,8 @@ Tensors: the trainable parameters under their model names (``prompt.embed``, ``a
 ``head.weight``, ...) and, optionally, the frozen backbone under ``backbone.*``.  Metadata (all strings):
 
 * ``format`` = ``"sa2vp"``, ``format_version`` = ``"1"``
-* ``config``: :class:`SA2VPConfig` as JSON; ``num_classes``
+* ``model``: ``"vit"`` (:class:`SA2VP`) or ``"swin"`` (:class:`SA2VPSwin`); absent means ``"vit"``
+* ``config``: the model's config (:class:`SA2VPConfig` / :class:`SA2VPSwinConfig`) as JSON; ``num_classes``
 * ``backbone_name``: the timm model name ("" when the backbone was built without one)
 * ``backbone_kwargs``: JSON constructor arguments that rebuild the backbone's structure
 * ``includes_backbone``: ``"true"`` / ``"false"``
@@ -21,25 +22,38 @@ import torch
 
 from .config import SA2VPConfig
 from .model import SA2VP
+from .swin import SA2VPSwin, SA2VPSwinConfig, build_swin_backbone, describe_swin_backbone
 from .weights import build_backbone, describe_backbone
+
+# model kind -> (model class, config class, backbone builder, backbone describer)
+_KINDS = {
+    "vit": (SA2VP, SA2VPConfig, build_backbone, describe_backbone),
+    "swin": (SA2VPSwin, SA2VPSwinConfig, build_swin_backbone, describe_swin_backbone),
+}
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "sa2vp"
 FORMAT_VERSION = "1"
-_RESERVED = ("format", "format_version", "config", "num_classes", "backbone_name", "backbone_kwargs",
+_RESERVED = ("format", "format_version", "model", "config", "num_classes", "backbone_name", "backbone_kwargs",
              "includes_backbone")
 
 
-def save_checkpoint(model: SA2VP, path, *, include_backbone: bool = False, metadata: dict[str, str] | None = None) -> None:
+def _kind_of(model) -> str:
+    for kind, (cls, *_rest) in _KINDS.items():
+        if isinstance(model, cls):
+            return kind
+    raise TypeError(f"model must be an SA2VP or SA2VPSwin, got {type(model).__name__}")
+
+
+def save_checkpoint(model: SA2VP | SA2VPSwin, path, *, include_backbone: bool = False, metadata: dict[str, str] | None = None) -> None:
     """Write ``model``'s trainable parameters (and with ``include_backbone`` its frozen backbone) to ``path``.
 
     ``metadata``: extra string entries stored alongside (names must not clash with the reserved ones).
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, SA2VP):
-        raise TypeError(f"model must be an SA2VP, got {type(model).__name__}")
+    kind = _kind_of(model)
     extra = dict(metadata or {})
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
@@ -53,6 +67,7 @@ def save_checkpoint(model: SA2VP, path, *, include_backbone: bool = False, metad
         **extra,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "model": kind,
         "config": model.config.to_json(),
         "num_classes": str(model.num_classes),
         "backbone_name": model.backbone_name or "",
@@ -81,25 +96,29 @@ def read_metadata(path) -> dict[str, str]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has checkpoint format version {meta.get('format_version')!r}; "
                          f"this code reads version {FORMAT_VERSION!r}")
+    meta.setdefault("model", "vit")
+    if meta["model"] not in _KINDS:
+        raise ValueError(f"{path}: unknown model kind {meta['model']!r} (expected one of {sorted(_KINDS)})")
     missing = [k for k in _RESERVED if k not in meta]
     if missing:
         raise ValueError(f"{path}: checkpoint metadata lacks {missing}")
     return meta
 
 
-def load_checkpoint(path, backbone=None, pretrained_path=None) -> SA2VP:
-    """Rebuild the SA2VP model saved by :func:`save_checkpoint`.
+def load_checkpoint(path, backbone=None, pretrained_path=None) -> SA2VP | SA2VPSwin:
+    """Rebuild the SA2VP (ViT or Swin) model saved by :func:`save_checkpoint`.
 
     Args:
         path: the ``.safetensors`` checkpoint.
-        backbone: optional timm ViT instance to use (its structure must match the saved one); needed, or
+        backbone: optional timm ViT / Swin instance to use (its structure must match the saved one); needed, or
             ``pretrained_path``, when the checkpoint does not include the backbone.
         pretrained_path: backbone weights file, for checkpoints without the backbone.
     """
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
-    config = SA2VPConfig.from_json(meta["config"])
+    model_cls, config_cls, build, describe = _KINDS[meta["model"]]
+    config = config_cls.from_json(meta["config"])
     num_classes = int(meta["num_classes"])
     name = meta["backbone_name"] or None
     kwargs = json.loads(meta["backbone_kwargs"])
@@ -111,13 +130,13 @@ def load_checkpoint(path, backbone=None, pretrained_path=None) -> SA2VP:
         raise ValueError(f"{path} holds only the trainable parameters; pass pretrained_path= (the backbone "
                          f"weights file) or backbone= (a pretrained timm ViT instance)")
     if backbone is None:
-        backbone = build_backbone(name, kwargs)
+        backbone = build(name, kwargs)
     else:
-        given = describe_backbone(backbone)
+        given = describe(backbone)
         diff = {k: (given.get(k), v) for k, v in kwargs.items() if given.get(k) != v}
         if diff:
             raise ValueError(f"backbone does not match the checkpoint's (given, saved): {diff}")
-    model = SA2VP(backbone, num_classes, config, pretrained_path=pretrained_path)
+    model = model_cls(backbone, num_classes, config, pretrained_path=pretrained_path)
     if name is not None:
         model.backbone_name = name
     tensors = load_file(str(path), device="cpu")

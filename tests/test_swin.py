@@ -499,3 +499,17 @@ def test_load_weights_errors(tmp_path):
     torch.save(tiny_swin(embed_dim=24).state_dict(), str(other))
     with pytest.raises(ValueError, match="do not fit"):
         load_swin_weights(tiny_swin(), other)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(dtype=torch.float32, r=3, s=0.7).eval()
+    path = tmp_path / "swin.safetensors"
+    sa2vp.save_checkpoint(model, path, include_backbone=True)
+    assert sa2vp.checkpoint.read_metadata(path)["model"] == "swin"
+    loaded = sa2vp.load_checkpoint(path).eval()
+    assert isinstance(loaded, sa2vp.SA2VPSwin)
+    assert loaded.config == model.config
+    x = images(2, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+        torch.testing.assert_close(loaded(x).prompt_logits, model(x).prompt_logits)
