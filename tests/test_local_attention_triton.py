@@ -1,10 +1,11 @@
 """Triton-specific checks of the local cross attention kernels (sa2vp_kernels/triton/local_attn.py).
 
-The generic backend matrix lives in test_local_attention.py. Here: tiles that straddle (batch, head)
-slices, head dims that are not powers of two (also one far wider than a tile row), windows wider than
-the grid, stride-0 and fused-projection inputs, the ops' own contracts, and on a GPU the half-precision
-accuracy, the real shapes and bitwise-reproducible backward. Without a GPU the kernels run under
-TRITON_INTERPRET=1 (tests/conftest.py), so the shapes stay small.
+The generic backend matrix lives in test_local_attention.py. Here: both kernel families (the tiled
+tensor-core kernels and the window-walking fallback), tiles in whole grid rows and in column blocks,
+tile and head-dim chunk boundaries, head dims that are not powers of two (also one spanning many
+chunks), windows wider than the grid, stride-0 and fused-projection inputs, the ops' own contracts,
+and on a GPU the half-precision accuracy, the real shapes and bitwise-reproducible backward. Without a
+GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so the shapes stay small.
 """
 import pytest
 import torch
@@ -55,10 +56,10 @@ def _assert_matches_reference(q, k, v, grid, window, T, border, scale=None, tol=
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-# (B, heads, grid, window, num_prefix, head_dim). Block sizes come from the head dim: in float64,
-# D = 8 gives 64-position tiles over a 210-position (batch * heads * grid) index, D = 130 (padded to
-# 256) 2- and 4-position tiles, D = 768 (padded to 1024) 1- and 2-position tiles that split 15-position
-# slices and 3-token prefixes across programs.
+# (B, heads, grid, window, num_prefix, head_dim). Tiled kernels: the 7 x 7 grid splits into bands of
+# rows with a partial last band, the 2 x 40 grid (wider than the whole-row limit) into 16-column tiles
+# whose halos cross tile edges, and D = 130 / 768 span several head-dim chunks in float32 (32 wide)
+# and float64 (up to 16 wide).
 TILE_CASES = [
     (3, 2, (5, 7), 3, 1, 8),
     (1, 2, (4, 3), 5, 1, 130),
@@ -66,6 +67,8 @@ TILE_CASES = [
     (2, 1, (7, 7), 5, 0, 40),
     (1, 3, (2, 3), 1, 3, 24),
     (2, 1, (1, 1), 3, 1, 24),
+    (1, 2, (2, 40), 3, 1, 8),
+    (1, 1, (3, 37), 5, 2, 24),
 ]
 
 
@@ -74,10 +77,45 @@ def _case_id(case):
     return f"B{B}-H{H}-g{grid[0]}x{grid[1]}-w{window}-T{T}-D{D}"
 
 
+def _plan(grid, window, T, D, dtype=torch.float64):
+    """The tiling the launchers pick (radii clipped to the grid, as they do)."""
+    rad = window // 2
+    return tla._tile_plan(grid[0], grid[1], min(rad, grid[0] - 1), min(rad, grid[1] - 1), T, D, dtype)
+
+
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("case", TILE_CASES, ids=_case_id)
-def test_tiles_and_head_dims_match_reference(case, border):
+def test_tiled_kernels_match_reference(case, border):
     B, H, grid, window, T, D = case
+    assert _plan(grid, window, T, D) is not None
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=1)
+    _assert_matches_reference(q, k, v, grid, window, T, border)
+
+
+def test_tiled_kernels_float32():
+    # float32 runs the exact ("ieee") tl.dot path, float64 a broadcast product: check the former.
+    q, k, v = _qkv(2, 2, 1 + 5 * 7, 40, dtype=torch.float32, seed=11)
+    for border in BORDERS:
+        _assert_matches_reference(q, k, v, (5, 7), 3, 1, border, tol=2e-5)
+
+
+# Window-walking fallback (taken when a tile and its halo would not fit): block sizes come from the
+# head dim; in float64, D = 8 gives 64-position blocks over a 210-position (batch * heads * grid)
+# index, D = 130 and 768 blocks of 1 to 4 positions that split slices and 3-token prefixes.
+WALK_CASES = [
+    (3, 2, (5, 7), 3, 1, 8),
+    (1, 2, (4, 3), 3, 1, 130),
+    (1, 1, (3, 5), 3, 3, 768),
+    (1, 1, (2, 3), 9, 0, 24),
+]
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", WALK_CASES, ids=_case_id)
+def test_window_walking_kernels_match_reference(case, border, monkeypatch):
+    monkeypatch.setattr(tla, "_MAX_TILE_SCORES", 0)
+    B, H, grid, window, T, D = case
+    assert _plan(grid, window, T, D) is None
     q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=1)
     _assert_matches_reference(q, k, v, grid, window, T, border)
 
@@ -186,6 +224,14 @@ def _low_precision_check(B, H, grid, T, D, dtype, border, seed=0):
 @pytest.mark.parametrize("border", BORDERS)
 def test_gpu_low_precision_against_float64(dtype, heads, head_dim, border):
     _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("border", BORDERS)
+def test_gpu_window_walking_fallback(dtype, border, monkeypatch):
+    monkeypatch.setattr(tla, "_MAX_TILE_SCORES", 0)
+    _low_precision_check(4, 12, (14, 14), 1, 64, dtype, border)
 
 
 @pytest.mark.gpu

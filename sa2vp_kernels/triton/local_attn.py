@@ -3,29 +3,38 @@
 Layout: ``q, k, v`` are ``(B, heads, N, D)`` with ``N = T + gh * gw`` (``T`` prefix tokens, then the
 grid in row-major order), any strides for the first three dims and unit stride for the last.
 
-* Forward, one launch. The first ``B * heads * T`` programs each compute one prefix query against all
-  ``N`` keys (online softmax over blocks of keys); they are long, so they start first and overlap with
-  the rest. Every other program takes a tile of ``BLOCK_Q`` consecutive grid queries of one
-  ``(batch, head)`` and walks the window offsets: at each offset the tile's neighbours are one shifted
-  run of rows, so the loads stay coalesced and neighbouring queries reuse keys through L1/L2. Each
-  query has its own keys, so the scores are elementwise products reduced over ``D``, not matrix
-  products; ``D`` is covered by one power-of-two block and ``BLOCK_Q`` shrinks as ``D`` grows.
-* Backward, two launches, no atomics. The first is query-centric: ``delta = rowsum(dO * O)`` and
-  ``dq`` for every query (prefix programs first again). The second is key-centric: a grid key
-  gathers from the grid queries in the window around it plus every prefix query, a prefix key from
-  the prefix queries only; each key's sums run in a fixed order, so the result is bitwise
-  reproducible.
+Three launches in all (one forward, two backward), each a single grid of programs:
+
+* Prefix programs come first in every launch: a prefix query attends to all ``N`` keys, so it loops
+  over blocks of keys with an online softmax. They are the longest programs and start first, so
+  they overlap with the rest.
+* Tiled grid programs (the default): a tile of grid positions (a band of whole grid rows, or a
+  16-column block on wide grids) and the halo of neighbours ``r`` rows/columns around it. All
+  tile x halo scores come from ``tl.dot`` over chunks of ``D`` (tensor cores for 16-bit inputs),
+  the window is a mask on them, and the softmax of a tile is exact (its halo holds every key its
+  queries see). The neighbours are read as one dense block instead of once per window offset.
+* Window-walking grid programs (fallback when a tile and its halo would hold too many scores, i.e.
+  very wide windows): each program walks the window offsets for a run of positions with an online
+  softmax; the scores are elementwise products reduced over ``D``.
+
+Backward, no atomics: launch 1 is query-centric (``delta = rowsum(dO * O)`` and ``dq``), launch 2
+key-centric (``dk``, ``dv``): a grid key gathers from the grid queries around it plus every prefix
+query (the tiled kernel puts the prefix queries in extra halo lanes), a prefix key from the prefix
+queries only. Each sum runs in a fixed order, so the result is bitwise reproducible.
 
 Borders: out-of-grid neighbours are skipped. With ``zero_border`` they still count as score 0 with
-value 0; their number per query is known in closed form, so the softmax starts from them instead of
-visiting them. Only in-grid offsets are visited (``|dy| <= min(r, gh - 1)``, same for x), so a window
-larger than the grid costs nothing extra.
+value 0; their number per query is known in closed form, so the softmax takes them in at once.
+Offsets are clipped to the grid (``|dy| <= min(r, gh - 1)``), so a window wider than the grid costs
+nothing extra.
 
-Accumulation is float32 (float64 for float64 inputs). ``scale`` arrives as a float32 pair
-``hi + lo`` so that float64 runs see it to double precision.
+Accumulation is float32 (float64 for float64 inputs; their products skip ``tl.dot``, float32 ones
+use its exact ``"ieee"`` mode). ``scale`` arrives as a float32 pair ``hi + lo`` so that float64
+runs see it to double precision. Block sizes come from small deterministic heuristics (no
+autotuning), so the interpreter and the GPU run the same configuration.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -96,7 +105,7 @@ def _next_offset(dy, dx, rx):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Forward
+# Forward: prefix queries, and the window-walking fallback for grid queries
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +213,7 @@ def _local_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backward, launch 1: delta and dq (query-centric)
+# Backward, launch 1, delta and dq (query-centric): prefix queries and the window-walking fallback
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -301,7 +310,7 @@ def _local_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta
 
 
 # ---------------------------------------------------------------------------------------------------
-# Backward, launch 2: dk and dv (key-centric)
+# Backward, launch 2, dk and dv (key-centric): prefix keys and the window-walking fallback
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -411,6 +420,302 @@ def _local_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Tiled kernels (the default path): a program takes a patch of grid positions and the patch of
+# neighbours around it, computes all their pairwise scores with tl.dot (tensor cores in 16-bit) and
+# masks the ones outside the window. Most scores are masked, but a dot costs far less than the
+# per-offset elementwise work, and the neighbours are read as one dense block.
+#
+# Patch geometry, shared by the three kernels. The grid splits into tiles of ``rows`` grid rows by
+# ``cols`` columns (whole rows when the grid is narrow: ``cols = gw``, one tile per row band). The
+# halo of a tile is ``rows + 2 ry`` rows by ``halo_cols`` columns (``cols + 2 rx`` for column tiles,
+# ``gw`` for whole rows), starting ``ry`` rows above and ``halo_x`` columns left of the tile.
+# Lanes run row-major over a patch; lanes outside it or outside the grid are masked.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _patch_lanes(py, px, n_rows, n_cols, gh, gw, BLOCK: tl.constexpr):
+    """Grid row, column and validity of the lanes of an ``n_rows x n_cols`` patch at (py, px)."""
+    i = tl.arange(0, BLOCK)
+    r = i // n_cols
+    y = py + r
+    x = px + (i - r * n_cols)
+    return y, x, (r < n_rows) & (y >= 0) & (y < gh) & (x >= 0) & (x < gw)
+
+
+@triton.jit
+def _tile_origin(tile, gh, rows, cols, x_tiles):
+    """Slice and top-left grid position of tile number ``tile`` (tiles of a slice are row-major)."""
+    per_slice = tl.cdiv(gh, rows) * x_tiles
+    bh = tile // per_slice
+    t = tile - bh * per_slice
+    ty = t // x_tiles
+    return bh, ty * rows, (t - ty * x_tiles) * cols
+
+
+@triton.jit
+def _zero_border_count(y, x, rad, gh, gw):
+    """Out-of-grid neighbours of (y, x) in the full window (scores 0 under border="zero")."""
+    ny = tl.minimum(y + rad, gh - 1) - tl.maximum(y - rad, 0) + 1
+    nx = tl.minimum(x + rad, gw - 1) - tl.maximum(x - rad, 0) + 1
+    return (2 * rad + 1) * (2 * rad + 1) - ny * nx
+
+
+@triton.jit
+def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+              H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
+              ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
+              STAGES: tl.constexpr):
+    bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
+    qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
+    ky, kx, k_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_DC)
+    q_rows = (T + qy * gw + qx).to(tl.int64)
+    k_rows = (T + ky * gw + kx).to(tl.int64)
+    q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
+    k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
+    v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
+    s = tl.zeros([BLOCK_Q, BLOCK_K], sc.dtype)
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        if FP64:
+            s += tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        elif IEEE:
+            s += tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s += tl.dot(q, tl.trans(k))
+    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
+    mask = q_ok[:, None] & k_ok[None, :] & window
+    s = tl.where(mask, s * sc, _NEG)
+    m = tl.max(s, axis=1)
+    if ZERO_BORDER:
+        n_zero = _zero_border_count(qy, qx, rad, gh, gw).to(sc.dtype)
+        m = tl.where(n_zero > 0, tl.maximum(m, 0.0), m)
+    p = tl.where(mask, tl.exp(s - m[:, None]), 0.0)
+    l = tl.sum(p, axis=1)
+    if ZERO_BORDER:
+        # m >= 0 wherever n_zero > 0, so the clamp only keeps dead lanes finite.
+        l += n_zero * tl.exp(tl.minimum(-m, 0.0))
+    l = tl.where(q_ok, l, 1.0)
+    p = p.to(v_ptr.dtype.element_ty)
+    o_rows = bh.to(tl.int64) * N + q_rows
+    o_ptrs = out_ptr + o_rows[:, None] * D + offs_d[None, :]
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        v = tl.load(v_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        if FP64:
+            o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        elif IEEE:
+            o = tl.dot(p, v, input_precision="ieee")
+        else:
+            o = tl.dot(p, v)
+        o = o / l[:, None]
+        tl.store(o_ptrs + c, o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+    tl.store(lse_ptr + o_rows, m + tl.log(l), mask=q_ok)
+
+
+@triton.jit
+def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+                                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                                 H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
+                                 n_prefix_programs, scale_hi, scale_lo,
+                                 ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+                                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                                 STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    sc = _scale(scale_hi, scale_lo, FP64)
+    if pid < n_prefix_programs:
+        bh = pid // T
+        _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
+                          BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
+    else:
+        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pid - n_prefix_programs,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
+                  ZERO_BORDER, FP64, IEEE, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+
+
+@triton.jit
+def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, tile,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son,
+                 H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
+                 FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_K: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """delta and dq for a tile of grid queries: dS = P (dO V^T - delta), dq = scale dS K."""
+    bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
+    qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
+    ky, kx, k_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_DC)
+    q_rows = (T + qy * gw + qx).to(tl.int64)
+    k_rows = (T + ky * gw + kx).to(tl.int64)
+    q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
+    do_ptrs = do_ptr + (_slice_base(bh, H, sdob, sdoh) + q_rows * sdon)[:, None] + offs_d[None, :]
+    o_ptrs = o_ptr + (_slice_base(bh, H, sob, soh) + q_rows * son)[:, None] + offs_d[None, :]
+    k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
+    v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
+    s = tl.zeros([BLOCK_Q, BLOCK_K], sc.dtype)
+    dp = tl.zeros([BLOCK_Q, BLOCK_K], sc.dtype)
+    delta = tl.zeros([BLOCK_Q], sc.dtype)
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        o = tl.load(o_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        delta += tl.sum(do.to(sc.dtype) * o.to(sc.dtype), axis=1)
+        if FP64:
+            s += tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+            dp += tl.sum(do[:, None, :] * v[None, :, :], axis=2)
+        elif IEEE:
+            s += tl.dot(q, tl.trans(k), input_precision="ieee")
+            dp += tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            s += tl.dot(q, tl.trans(k))
+            dp += tl.dot(do, tl.trans(v))
+    rows_out = bh.to(tl.int64) * N + q_rows
+    tl.store(delta_ptr + rows_out, delta, mask=q_ok)
+    lse = tl.load(lse_ptr + rows_out, mask=q_ok, other=0.0)
+    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
+    mask = q_ok[:, None] & k_ok[None, :] & window
+    p = tl.where(mask, tl.exp(s * sc - lse[:, None]), 0.0)
+    ds = (p * (dp - delta[:, None])).to(k_ptr.dtype.element_ty)
+    dq_ptrs = dq_ptr + rows_out[:, None] * D + offs_d[None, :]
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        if FP64:
+            dq = tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
+        elif IEEE:
+            dq = tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq = tl.dot(ds, k)
+        tl.store(dq_ptrs + c, (dq * sc).to(dq_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                                    sdob, sdoh, sdon, sob, soh, son,
+                                    H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
+                                    n_prefix_programs, scale_hi, scale_lo,
+                                    FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                                    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                                    STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    sc = _scale(scale_hi, scale_lo, FP64)
+    if pid < n_prefix_programs:
+        bh = pid // T
+        _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
+                             bh, pid - bh * T, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                             sdob, sdoh, sdon, sob, soh, son, H, N, sc,
+                             BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
+    else:
+        _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
+                     pid - n_prefix_programs, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     sdob, sdoh, sdon, sob, soh, son, H, N, T, gh, gw, ry, rx,
+                     rows, cols, x_tiles, halo_x, halo_cols, sc,
+                     FP64, IEEE, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+
+
+@triton.jit
+def _bwd_kv_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                 H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
+                 FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_Q: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """dk and dv for a tile of grid keys. Its queries are the halo of grid queries around it plus,
+    in the lanes after the halo, the T prefix queries (which see every key)."""
+    bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
+    ky, kx, k_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_K)
+    n_halo = (rows + 2 * ry) * halo_cols
+    qy, qx, q_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_Q)
+    lane = tl.arange(0, BLOCK_Q)
+    prefix = (lane >= n_halo) & (lane < n_halo + T)
+    q_ok = q_ok | prefix
+    offs_d = tl.arange(0, BLOCK_DC)
+    k_rows = (T + ky * gw + kx).to(tl.int64)
+    q_rows = tl.where(prefix, lane - n_halo, T + qy * gw + qx).to(tl.int64)
+    k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
+    v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
+    q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
+    do_ptrs = do_ptr + (_slice_base(bh, H, sdob, sdoh) + q_rows * sdon)[:, None] + offs_d[None, :]
+    s = tl.zeros([BLOCK_K, BLOCK_Q], sc.dtype)
+    dp = tl.zeros([BLOCK_K, BLOCK_Q], sc.dtype)
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        if FP64:
+            s += tl.sum(k[:, None, :] * q[None, :, :], axis=2)
+            dp += tl.sum(v[:, None, :] * do[None, :, :], axis=2)
+        elif IEEE:
+            s += tl.dot(k, tl.trans(q), input_precision="ieee")
+            dp += tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            s += tl.dot(k, tl.trans(q))
+            dp += tl.dot(v, tl.trans(do))
+    row0 = bh.to(tl.int64) * N
+    lse = tl.load(lse_ptr + row0 + q_rows, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + row0 + q_rows, mask=q_ok, other=0.0)
+    window = (tl.abs(qy[None, :] - ky[:, None]) <= ry) & (tl.abs(qx[None, :] - kx[:, None]) <= rx)
+    mask = k_ok[:, None] & q_ok[None, :] & (window | prefix[None, :])
+    p = tl.where(mask, tl.exp(s * sc - lse[None, :]), 0.0)
+    ds = (p * (dp - delta[None, :])).to(q_ptr.dtype.element_ty)
+    p = p.to(do_ptr.dtype.element_ty)
+    dk_ptrs = dk_ptr + (row0 + k_rows)[:, None] * D + offs_d[None, :]
+    dv_ptrs = dv_ptr + (row0 + k_rows)[:, None] * D + offs_d[None, :]
+    for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
+        d_ok = (c + offs_d < D)[None, :]
+        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
+        if FP64:
+            dk = tl.sum(ds[:, :, None] * q[None, :, :], axis=1)
+            dv = tl.sum(p[:, :, None] * do[None, :, :], axis=1)
+        elif IEEE:
+            dk = tl.dot(ds, q, input_precision="ieee")
+            dv = tl.dot(p, do, input_precision="ieee")
+        else:
+            dk = tl.dot(ds, q)
+            dv = tl.dot(p, do)
+        tl.store(dk_ptrs + c, (dk * sc).to(dk_ptr.dtype.element_ty), mask=k_ok[:, None] & d_ok)
+        tl.store(dv_ptrs + c, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _local_attn_bwd_dkdv_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                                      H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
+                                      n_prefix_programs, BHT, scale_hi, scale_lo,
+                                      FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      BLOCK_Q: tl.constexpr, PREFIX_ROWS: tl.constexpr,
+                                      D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      BLOCK_DC: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    sc = _scale(scale_hi, scale_lo, FP64)
+    if pid < n_prefix_programs:
+        _bwd_kv_prefix_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pid,
+                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                            H, N, T, BHT, sc, PREFIX_ROWS, D, BLOCK_D)
+    else:
+        _bwd_kv_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                     pid - n_prefix_programs, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     sdob, sdoh, sdon, H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x,
+                     halo_cols, sc, FP64, IEEE, BLOCK_K, BLOCK_Q, D, BLOCK_DC, STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Host side: block sizes and launchers
 # ---------------------------------------------------------------------------------------------------
 
@@ -419,6 +724,7 @@ _INTERPRETED = not isinstance(_local_attn_fwd_kernel, triton.runtime.jit.JITFunc
 
 @dataclass(frozen=True)
 class _Config:
+    """Block sizes of the window-walking kernels and of the prefix programs."""
     block_q: int  # grid queries (or keys) per program
     block_n: int  # keys per step of a prefix query
     block_d: int  # the whole head dim, padded to a power of two
@@ -438,6 +744,7 @@ def _bwd_config(D: int, dtype: torch.dtype) -> _Config:
     return _heuristic(D, dtype, 1024, min_block_q=2)
 
 
+@functools.lru_cache(maxsize=None)
 def _heuristic(D: int, dtype: torch.dtype, budget: int, min_block_q: int) -> _Config:
     block_d = triton.next_power_of_2(D)
     if dtype == torch.float64:
@@ -447,6 +754,75 @@ def _heuristic(D: int, dtype: torch.dtype, budget: int, min_block_q: int) -> _Co
     tile = block_q * block_d * (2 if dtype == torch.float64 else 1)
     num_warps = 2 if tile <= 512 else 4 if tile <= 4096 else 8 if tile <= 16384 else 16
     return _Config(block_q, block_n, block_d, num_warps, stages=1)
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    """Geometry and block sizes of the tiled kernels (see the comment above ``_patch_lanes``)."""
+    rows: int
+    cols: int
+    x_tiles: int
+    halo_x: int
+    halo_cols: int
+    block: int  # lanes of a tile
+    block_halo: int  # lanes of its halo (plus the prefix lanes in the key-centric kernel)
+    block_dc: int  # head-dim chunk
+    num_warps: int
+    stages: int
+
+    def tiles(self, gh: int) -> int:
+        return triton.cdiv(gh, self.rows) * self.x_tiles
+
+
+# Pipelining depth of the prefix queries' loops over key blocks next to the tiled kernels: the few
+# prefix programs are the longest, so they keep more loads in flight.
+_PREFIX_STAGES = 2
+# Grids up to this wide are tiled in whole rows; wider ones in 16-column tiles.
+_WHOLE_ROWS_MAX_WIDTH = 32
+# Scores a program holds (tile lanes x halo lanes): beyond this the window-walking kernels run.
+_MAX_TILE_SCORES = 8192
+
+
+def _tile_plan(gh: int, gw: int, ry: int, rx: int, extra: int, D: int, dtype: torch.dtype):
+    """Pick the tile height that wastes the fewest masked scores per grid position (ties: the
+    taller tile). ``extra`` halo lanes are reserved for the prefix queries. None: no tile fits."""
+    return _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
+    if gw <= _WHOLE_ROWS_MAX_WIDTH:
+        cols, x_tiles, halo_x, halo_cols = gw, 1, 0, gw
+    else:
+        cols = 16
+        x_tiles, halo_x, halo_cols = triton.cdiv(gw, cols), rx, cols + 2 * rx
+    limit = max_scores // (4 if dtype == torch.float64 else 1)
+    best = None
+    for rows in range(1, gh + 1):
+        block = max(16, triton.next_power_of_2(rows * cols))
+        block_halo = max(16, triton.next_power_of_2((rows + 2 * ry) * halo_cols + extra))
+        if block * block_halo > limit:
+            break
+        waste = block * block_halo / (rows * cols)
+        if best is None or waste <= best[0] * (1 + 1e-9):
+            best = (waste, rows, block, block_halo)
+    if best is None:
+        return None
+    _, rows, block, block_halo = best
+    scores = block * block_halo
+    d2 = triton.next_power_of_2(D)
+    if dtype == torch.float64:
+        # float64 products go through a (tile, halo, chunk) broadcast instead of tl.dot.
+        block_dc = max(1, min(d2, 8192 // scores))
+    elif dtype == torch.float32:
+        block_dc = max(16, min(32, d2))  # exact (FMA) dots hold their operands in registers
+    else:
+        # Chunks of 64 also for smaller D (zero-padded): narrower tensor-core dots need far more
+        # registers (seen in ptxas reports for sm_90).
+        block_dc = 64
+    num_warps = 4 if scores < 2048 else 8
+    return _TilePlan(rows, cols, x_tiles, halo_x, halo_cols, block, block_halo, block_dc, num_warps,
+                     stages=2)
 
 
 def _split_scale(scale: float) -> tuple[float, float]:
@@ -495,21 +871,33 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
     """Forward: ``(out, lse)``, out contiguous in q's dtype, lse float32 (float64 for float64)."""
     _check_inputs(q, k, v, grid_h, grid_w, window, num_prefix)
     B, H, N, D = q.shape
-    cfg = _fwd_config(D, q.dtype)
+    D = int(D)  # a kernel constant (block sizes and chunk loops are specialised on it)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=_acc_dtype(q.dtype), device=q.device)
     rad = window // 2
+    ry, rx = min(rad, grid_h - 1), min(rad, grid_w - 1)
     n_prefix_programs = B * H * num_prefix
-    bhg = B * H * grid_h * grid_w
+    cfg = _fwd_config(D, q.dtype)
+    plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
+    args = (q, k, v, out, lse, *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, ry, rx)
     scale_hi, scale_lo = _split_scale(scale)
-    grid = (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),)
-    _launch(
-        _local_attn_fwd_kernel, grid, q, k, v, out, lse, *_strides(q, k, v),
-        H, N, num_prefix, grid_h, grid_w, rad, min(rad, grid_h - 1), min(rad, grid_w - 1),
-        n_prefix_programs, bhg, scale_hi, scale_lo,
-        ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, BLOCK_Q=cfg.block_q,
-        BLOCK_N=cfg.block_n, D=D, BLOCK_D=cfg.block_d, STAGES=cfg.stages, num_warps=cfg.num_warps,
-    )
+    common = dict(ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, BLOCK_N=cfg.block_n,
+                  D=D, BLOCK_D=cfg.block_d)
+    if plan is not None:
+        _launch(
+            _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),), *args,
+            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
+            scale_hi, scale_lo, **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
+            BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
+            PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.num_warps,
+        )
+    else:
+        bhg = B * H * grid_h * grid_w
+        _launch(
+            _local_attn_fwd_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
+            n_prefix_programs, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q,
+            STAGES=cfg.stages, num_warps=cfg.num_warps,
+        )
     return out, lse
 
 
@@ -529,7 +917,7 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                          f"{tuple(q.shape[:3])}; got {tuple(grad_out.shape)}, {tuple(out.shape)}, "
                          f"{tuple(lse.shape)}")
     B, H, N, D = q.shape
-    cfg = _bwd_config(D, q.dtype)
+    D = int(D)  # a kernel constant (block sizes and chunk loops are specialised on it)
     acc_dtype = _acc_dtype(q.dtype)
     grad_out = grad_out.to(q.dtype)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -545,23 +933,48 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     bhg = B * H * grid_h * grid_w
     bht = B * H * num_prefix
     scale_hi, scale_lo = _split_scale(scale)
+    cfg = _bwd_config(D, q.dtype)
     fp64 = q.dtype == torch.float64
-    n_tiles = triton.cdiv(bhg, cfg.block_q)
-    _launch(
-        _local_attn_bwd_dq_kernel, (bht + n_tiles,), q, k, v, grad_out, out, lse, delta, dq,
-        *_strides(q, k, v, grad_out, out),
-        H, N, num_prefix, grid_h, grid_w, ry, rx, bht, bhg, scale_hi, scale_lo,
-        FP64=fp64, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, D=D, BLOCK_D=cfg.block_d,
-        STAGES=cfg.stages, num_warps=cfg.num_warps,
-    )
+    ieee = q.dtype == torch.float32
+    shape_args = (H, N, num_prefix, grid_h, grid_w, ry, rx)
+
+    plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
+    args = (q, k, v, grad_out, out, lse, delta, dq, *_strides(q, k, v, grad_out, out), *shape_args)
+    common = dict(FP64=fp64, BLOCK_N=cfg.block_n, D=D, BLOCK_D=cfg.block_d)
+    if plan is not None:
+        _launch(
+            _local_attn_bwd_dq_tiled_kernel, (bht + B * H * plan.tiles(grid_h),), *args,
+            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, scale_hi, scale_lo,
+            **common, IEEE=ieee, BLOCK_Q=plan.block, BLOCK_K=plan.block_halo,
+            BLOCK_DC=plan.block_dc, STAGES=plan.stages, PREFIX_STAGES=_PREFIX_STAGES,
+            num_warps=plan.num_warps,
+        )
+    else:
+        _launch(
+            _local_attn_bwd_dq_kernel, (bht + triton.cdiv(bhg, cfg.block_q),), *args,
+            bht, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
+            num_warps=cfg.num_warps,
+        )
+
+    # Prefix keys: programs of cfg.block_q keys flattened over (batch, heads, prefix).
     n_prefix_programs = triton.cdiv(bht, cfg.block_q)
-    _launch(
-        _local_attn_bwd_dkdv_kernel, (n_prefix_programs + n_tiles,), q, k, v, grad_out, lse, delta, dk, dv,
-        *_strides(q, k, v, grad_out),
-        H, N, num_prefix, grid_h, grid_w, ry, rx, n_prefix_programs, bht, bhg, scale_hi, scale_lo,
-        FP64=fp64, BLOCK_Q=cfg.block_q, D=D, BLOCK_D=cfg.block_d, STAGES=cfg.stages,
-        num_warps=cfg.num_warps,
-    )
+    plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype)
+    args = (q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out), *shape_args)
+    common = dict(FP64=fp64, D=D, BLOCK_D=cfg.block_d)
+    if plan is not None:
+        _launch(
+            _local_attn_bwd_dkdv_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),),
+            *args, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols,
+            n_prefix_programs, bht, scale_hi, scale_lo, **common, IEEE=ieee, BLOCK_K=plan.block,
+            BLOCK_Q=plan.block_halo, PREFIX_ROWS=cfg.block_q, BLOCK_DC=plan.block_dc,
+            STAGES=plan.stages, num_warps=plan.num_warps,
+        )
+    else:
+        _launch(
+            _local_attn_bwd_dkdv_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
+            n_prefix_programs, bht, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q,
+            STAGES=cfg.stages, num_warps=cfg.num_warps,
+        )
     return dq, dk, dv
 
 
