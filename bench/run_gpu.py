@@ -52,6 +52,8 @@ class Plan:
     num_classes: int = 100
     e2e_first: tuple = ((224, 64),)
     e2e_last: tuple = ((448, 16),)
+    swin_model: str = "swin_base_patch4_window7_224"
+    e2e_swin: tuple = ((224, 64),)
     infer_batch: int = 64
     warm_steps: int = 3
     train_steps: int = 10
@@ -62,7 +64,8 @@ class Plan:
     copy_bytes: int = 1 << 30
     shares: dict = field(default_factory=lambda: {
         "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
-        "scaling": 0.45, "windows": 0.5, "end_to_end_large": 0.5, "graphs": 1.0})
+        "scaling": 0.45, "windows": 0.5, "end_to_end_large": 0.5, "end_to_end_swin": 0.6,
+        "graphs": 1.0})
 
     @classmethod
     def tiny(cls) -> "Plan":
@@ -71,6 +74,7 @@ class Plan:
                    scaling_grids=((4, 5), (8, 9)), prompt_add=((2, 21, 32, 4),),
                    prompt_map=(((4, 5), (4, 5)), ((8, 10), (4, 5))), model="vit_tiny_patch16_224",
                    num_classes=10, e2e_first=((48, 2),), e2e_last=((64, 2),), infer_batch=2, warm_steps=1,
+                   swin_model="swin_tiny_patch4_window7_224", e2e_swin=((224, 1),),
                    train_steps=2, warmup_ms=1, rep_ms=5, copy_bytes=16 << 20)
 
 
@@ -389,27 +393,36 @@ def _model_backends(run: Run) -> tuple:
     return ("auto", "reference") + extra
 
 
-def section_end_to_end(run: Run, sizes) -> None:
+def _build_model(name: str, num_classes: int, backend: str, img_size: int):
+    """SA2VP on the timm ViT or Swin backbone ``name`` (random weights: timing only)."""
+    from sa2vp import SA2VP, SA2VPConfig, SA2VPSwin, SA2VPSwinConfig, is_swin_backbone
+
+    if is_swin_backbone(name):
+        return SA2VPSwin(name, num_classes, SA2VPSwinConfig(backend=backend), img_size=img_size)
+    return SA2VP(name, num_classes=num_classes, config=SA2VPConfig(backend=backend), img_size=img_size)
+
+
+def section_end_to_end(run: Run, sizes, model_name: str | None = None) -> None:
     torch = run.common.torch
     try:
-        from sa2vp import SA2VP, SA2VPConfig
+        import sa2vp  # noqa: F401
     except ImportError as exc:
-        run.skip("end_to_end", "SA2VP", f"sa2vp.SA2VP is not importable ({exc})")
+        run.skip("end_to_end", "SA2VP", f"sa2vp is not importable ({exc})")
         return
     plan = run.plan
+    model_name = model_name or plan.model
     dtype_name = plan.dtype_name if run.cuda else "float32"
     for img_size, batch in sizes:
         for backend in _model_backends(run):
             if run.over():
                 run.skip("end_to_end", f"{backend} img{img_size}", "over the section's time budget")
                 continue
-            train_case = ModelCase(plan.model, img_size, batch, "train", dtype_name)
-            infer_case = ModelCase(plan.model, img_size, plan.infer_batch if img_size == sizes[0][0] else batch,
+            train_case = ModelCase(model_name, img_size, batch, "train", dtype_name)
+            infer_case = ModelCase(model_name, img_size, plan.infer_batch if img_size == sizes[0][0] else batch,
                                    "infer", dtype_name)
             model = None
             try:
-                model = SA2VP(plan.model, num_classes=plan.num_classes, config=SA2VPConfig(backend=backend),
-                              img_size=img_size).to(run.device)
+                model = _build_model(model_name, plan.num_classes, backend, img_size).to(run.device)
             except Exception as exc:
                 run.add({"section": "end_to_end", "case": train_case.label, "provider": backend, "pass": "train",
                          **train_case.params(), "error": _short(exc)})
@@ -513,7 +526,7 @@ def section_graphs(run: Run) -> None:
 
 
 SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "scaling", "windows",
-            "end_to_end_large", "graphs")
+            "end_to_end_large", "end_to_end_swin", "graphs")
 
 
 def run_sections(run: Run, names) -> None:
@@ -526,6 +539,7 @@ def run_sections(run: Run, names) -> None:
         "scaling": section_scaling,
         "windows": section_windows,
         "end_to_end_large": lambda r: section_end_to_end(r, r.plan.e2e_last),
+        "end_to_end_swin": lambda r: section_end_to_end(r, r.plan.e2e_swin, r.plan.swin_model),
         "graphs": section_graphs,
     }
     for name in SECTIONS:
