@@ -299,7 +299,8 @@ class SA2VP(nn.Module):
         p = cfg.adapter_dropout if self.training else 0.0
         target = target.expand(message.shape[0], -1, -1)
         if deep is not None and (cfg.backend == "reference" or deep.shape[0] != 1):
-            target, deep = target + deep_scale * deep, None
+            # a per-image deep prompt (stochastic backbone) is added here; the fused op takes (1, N, C) maps
+            target, deep, deep_scale = target + deep_scale * deep, None, None
         if cfg.backend == "reference":
             return target + cfg.s * adapter(message, p)
         return sa2vp_kernels.prompt_add(
