@@ -22,7 +22,7 @@ TRAIN_DEFAULTS = dict(epochs=100, warmup_epochs=10, lr=1e-3, min_lr=1e-7, weight
 MODEL_DEFAULTS = dict(backbone=DEFAULT_BACKBONE, img_size=224, variant="paper", backbone_dropout=0.1)
 # SA2VPConfig fields settable from the command line (None: the variant's default).
 OVERRIDE_KEYS = ("r", "s", "window", "border", "cross_heads", "b2p_layers", "deep_layers", "prompt_grid",
-                 "adapter_dropout", "attn_dropout", "loss_weights", "backend")
+                 "adapter_dropout", "attn_dropout", "loss_weights", "backend", "stages", "b2p_blocks")
 
 
 class UsageError(ValueError):
@@ -122,7 +122,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (defaults: the preset, else the values shown)")
-    g.add_argument("--backbone", help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    g.add_argument("--backbone", help=f"timm ViT or Swin name (default {DEFAULT_BACKBONE})")
     g.add_argument("--backbone-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. depth=4 embed_dim=64 patch_size=8 (JSON values)")
     g.add_argument("--pretrained", metavar="PATH",
@@ -141,11 +141,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=_positive_int, help="odd cross-attention window side (default 3)")
     g.add_argument("--border", choices=("clip", "zero"), help="window border handling (default: the variant's)")
     g.add_argument("--cross-heads", type=_heads, help="'backbone' or number of cross-attention heads")
-    g.add_argument("--b2p-layers", type=_layers, help="B2P blocks, e.g. 0,4,8 (default: i %% 4 == 0)")
-    g.add_argument("--deep-layers", type=_layers, help="blocks with deep prompts, e.g. 4,8 or none "
+    g.add_argument("--b2p-layers", type=_layers, help="ViT: B2P blocks, e.g. 0,4,8 (default: i %% 4 == 0)")
+    g.add_argument("--deep-layers", type=_layers, help="ViT: blocks with deep prompts, e.g. 4,8 or none "
                                                        "(default: B2P blocks without 0)")
     g.add_argument("--deep-prompts", type=_non_negative_int,
                    help="keep only the first N deep prompts (the 'cars' preset uses 1)")
+    g.add_argument("--swin-stages", dest="stages", type=_layers,
+                   help="Swin backbones: interaction stages, e.g. 2 (default: the third stage)")
+    g.add_argument("--b2p-blocks", type=_layers,
+                   help="Swin backbones: B2P block indices within each interaction stage (default: j %% 6 == 0)")
     g.add_argument("--prompt-grid", type=_grid, help="grid of the learned prompt maps, HxW (default: token grid)")
     g.add_argument("--adapter-dropout", type=float, help="dropout in the adapters (default 0.1)")
     g.add_argument("--attn-dropout", type=float, help="dropout on the cross-attention output (default 0.1)")
@@ -211,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="CKPT",
                    help="continue from a training checkpoint (e.g. RUN/last.pt) at its next epoch; settings "
                         "not given as flags come from the checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds a run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output that holds a run: its checkpoints and logs are deleted")
     _add_data_flags(t)
     _add_model_flags(t)
     g = t.add_argument_group("optimisation (defaults: the preset, else the values shown)")

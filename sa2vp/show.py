@@ -15,8 +15,11 @@ __all__ = ["message_map", "overlay", "write_overlay", "first_p2b_layer"]
 
 
 def first_p2b_layer(model) -> int:
-    depth = len(model.backbone.blocks)
-    p2b = [i for i in range(depth) if i not in model.b2p_layers]
+    """Index of the first P2B block (for Swin: counted over the blocks of all stages)."""
+    if hasattr(model, "block_ids"):
+        p2b = [model.block_ids.index(b) for b in model.p2b_blocks]
+    else:
+        p2b = [i for i in range(len(model.backbone.blocks)) if i not in model.b2p_layers]
     if not p2b:
         raise ValueError("the model has no P2B block (every block is B2P), so no prompt-to-image message exists")
     return p2b[0]

@@ -60,8 +60,8 @@ LOCKED_KEYS = {
     "model": ("backbone", "backbone_kwargs", "img_size", "num_classes", "variant", "sa2vp", "backbone_dropout",
               "pretrained_fingerprint"),
     "data": ("format", "mode", "family", "mean", "std", "train_size"),
-    "train": ("epochs", "warmup_epochs", "lr", "min_lr", "weight_decay", "batch_size", "accum_steps", "amp",
-              "seed", "clip_grad"),
+    "train": ("epochs", "warmup_epochs", "lr", "min_lr", "weight_decay", "batch_size", "accum_steps", "seed",
+              "clip_grad"),
 }
 
 
@@ -144,7 +144,8 @@ def rng_state() -> dict:
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only this process' device: touching the others would create a CUDA context on each of them.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
 
 
@@ -153,8 +154,8 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,34 +176,71 @@ def file_fingerprint(path: str | None) -> str | None:
     return f"{size}:{h.hexdigest()[:32]}"
 
 
-def build_backbone(model_cfg: dict):
-    import timm
+VIT_ONLY_KEYS = ("cross_heads", "b2p_layers", "deep_layers")
+SWIN_ONLY_KEYS = ("stages", "b2p_blocks")
 
+
+def is_swin(model_cfg: dict) -> bool:
+    from .swin import is_swin_backbone
+
+    return is_swin_backbone(model_cfg["backbone"])
+
+
+def build_backbone(model_cfg: dict):
+    """The frozen backbone of a run (random weights; SA2VP loads the pretrained file)."""
     kwargs = dict(model_cfg.get("backbone_kwargs") or {})
     p = model_cfg.get("backbone_dropout") or 0.0
+    swin = is_swin(model_cfg)
     if p:
         kwargs.setdefault("proj_drop_rate", p)
-        kwargs.setdefault("pos_drop_rate", p)
+        if not swin:
+            kwargs.setdefault("pos_drop_rate", p)
     if model_cfg.get("img_size"):
         kwargs.setdefault("img_size", model_cfg["img_size"])
+    kwargs.setdefault("num_classes", 0)
     try:
-        return timm.create_model(model_cfg["backbone"], pretrained=False, num_classes=0, **kwargs)
+        if swin:
+            from .swin import build_swin_backbone
+
+            return build_swin_backbone(model_cfg["backbone"], kwargs)
+        from .weights import build_backbone as build_vit
+
+        return build_vit(model_cfg["backbone"], kwargs)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"--backbone {model_cfg['backbone']!r} with {kwargs}: {exc}") from exc
 
 
 def sa2vp_config(model_cfg: dict, backbone=None):
-    """The :class:`sa2vp.SA2VPConfig` of a run: variant defaults, then explicit overrides."""
+    """The SA2VP config of a run: variant defaults, then explicit overrides.
+
+    ViT backbones get an :class:`sa2vp.SA2VPConfig`, Swin backbones an :class:`sa2vp.SA2VPSwinConfig`.
+    """
+    overrides = dict(model_cfg.get("overrides") or {})
+    variant = model_cfg.get("variant") or "paper"
+    if is_swin(model_cfg):
+        from .swin import SA2VPSwinConfig
+
+        wrong = [k for k in VIT_ONLY_KEYS if overrides.get(k) is not None]
+        if wrong or model_cfg.get("deep_prompts") is not None:
+            wrong += ["deep_prompts"] if model_cfg.get("deep_prompts") is not None else []
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: ViT-only settings, but "
+                             f"{model_cfg['backbone']} is a Swin Transformer")
+        if variant != "paper":
+            raise ValueError(f"--variant {variant}: the authors' variants are ViT code; Swin runs use 'paper'")
+        return SA2VPSwinConfig(**{k: v for k, v in overrides.items() if v is not None})
     from sa2vp import SA2VPConfig
 
-    overrides = dict(model_cfg.get("overrides") or {})
+    wrong = [k for k in SWIN_ONLY_KEYS if overrides.get(k) is not None]
+    if wrong:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: Swin-only settings, but "
+                         f"{model_cfg['backbone']} is a ViT")
     deep_prompts = model_cfg.get("deep_prompts")
     if deep_prompts is not None and overrides.get("deep_layers") is None and backbone is not None:
         depth = len(backbone.blocks)
         b2p = overrides.get("b2p_layers")
         b2p = sorted(b2p) if b2p is not None else [i for i in range(depth) if i % 4 == 0]
         overrides["deep_layers"] = tuple([i for i in b2p if i != 0][:deep_prompts])
-    return SA2VPConfig.from_variant(model_cfg.get("variant") or "paper", **overrides)
+    return SA2VPConfig.from_variant(variant, **overrides)
 
 
 def build_model(model_cfg: dict, pretrained: str | None = None):
@@ -210,13 +248,23 @@ def build_model(model_cfg: dict, pretrained: str | None = None):
     from sa2vp import SA2VP, SA2VPConfig
 
     backbone = build_backbone(model_cfg)
+    swin = is_swin(model_cfg)
     if model_cfg.get("sa2vp") is not None:
-        config = SA2VPConfig.from_dict(model_cfg["sa2vp"])
+        if swin:
+            from .swin import SA2VPSwinConfig
+
+            config = SA2VPSwinConfig.from_dict(model_cfg["sa2vp"])
+        else:
+            config = SA2VPConfig.from_dict(model_cfg["sa2vp"])
     else:
         config = sa2vp_config(model_cfg, backbone)
     pretrained = pretrained if pretrained is not None else model_cfg.get("pretrained")
     if pretrained and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"--pretrained: {pretrained} does not exist")
+    if swin:
+        from .swin import SA2VPSwin
+
+        return SA2VPSwin(backbone, model_cfg["num_classes"], config, pretrained_path=pretrained or None)
     return SA2VP(backbone, model_cfg["num_classes"], config, pretrained_path=pretrained or None)
 
 
@@ -297,10 +345,11 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def export_model(model, path: str, include_backbone: bool = False) -> None:
+def export_model(model, path: str, include_backbone: bool = False) -> bool:
     """Write the model with :func:`sa2vp.save_checkpoint` (safetensors), atomically.
 
     ``include_backbone``: also store the frozen backbone (for runs without a pretrained weights file).
+    Returns False, writing nothing, for model classes the safetensors format does not cover.
     """
     from sa2vp import save_checkpoint
 
@@ -309,10 +358,15 @@ def export_model(model, path: str, include_backbone: bool = False) -> None:
     try:
         save_checkpoint(model, tmp, include_backbone=include_backbone)
         os.replace(tmp, path)
+    except TypeError:  # save_checkpoint rejects the model class
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return False
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return True
 
 
 def load_state(path: str) -> dict:
@@ -512,6 +566,7 @@ class Trainer:
         self.logger = _Logger(output, info.is_main, tensorboard=bool(t.get("tensorboard", True)))
         # Without a weights file the (random) backbone goes into the exported model, to make it usable.
         self.export_backbone = not run["model"].get("pretrained")
+        self._warned = False
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict:
@@ -555,6 +610,7 @@ class Trainer:
             )
         self.best = dict(state.get("best") or self.best)
         self.last_eval = state.get("last_eval")
+        self.logger.log({"event": "resume", "epoch": self.start_epoch, "step": self.step, "source": source})
         rng = state["rng"]
         if len(rng) == self.info.world_size:
             set_rng_state(rng[self.info.rank])
@@ -572,7 +628,13 @@ class Trainer:
             atomic_save(state, os.path.join(self.output, f"epoch_{epoch:04d}.pt"))
         if improved:
             atomic_save(state, os.path.join(self.output, "best.pt"))
-            export_model(self.module, os.path.join(self.output, "best.safetensors"), self.export_backbone)
+            self._export("best.safetensors")
+
+    def _export(self, name: str) -> None:
+        if not export_model(self.module, os.path.join(self.output, name), self.export_backbone) and not self._warned:
+            self._warned = True
+            self.echo(f"note: sa2vp.save_checkpoint does not take a {type(self.module).__name__}; no .safetensors "
+                      "export, use the training checkpoints (last.pt, best.pt) with eval and show")
 
     # ---- loop ---------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
@@ -695,7 +757,7 @@ class Trainer:
         summary = {"epochs": self.epochs, "steps": self.step, "seconds": time.perf_counter() - t_start,
                    "final": self.last_eval, "best": self.best if self.select_best else None}
         if info.is_main and self.output is not None:
-            export_model(self.module, os.path.join(self.output, "final.safetensors"), self.export_backbone)
+            self._export("final.safetensors")
             atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(self.output, "summary.json"))
         self.logger.log({"event": "done", **{k: v for k, v in summary.items() if k in ("steps", "seconds")}})
         self.logger.close()
@@ -719,14 +781,29 @@ def _datasets(run: dict, splits):
     return train, evals
 
 
+RUN_FILES = ("last.pt", "best.pt", "best.safetensors", "final.safetensors", "metrics.jsonl", "summary.json",
+             "run.json")
+
+
 def prepare_output(output: str, resume: str | None, overwrite: bool) -> None:
-    """Refuse to start a fresh run over an existing one (it would replace its checkpoints)."""
-    existing = [f for f in ("last.pt", "best.pt", "final.safetensors") if os.path.exists(os.path.join(output, f))]
-    if existing and resume is None and not overwrite:
+    """Refuse to start a fresh run over an existing one (it would replace its checkpoints).
+
+    With ``overwrite`` the files of the old run are deleted (by the main process) instead.
+    """
+    if resume is not None or not os.path.isdir(output):
+        return
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
+    existing += sorted(f for f in os.listdir(output) if f.startswith("epoch_") and f.endswith(".pt"))
+    if not existing:
+        return
+    if not overwrite:
         raise FileExistsError(
             f"--output {output} already holds a run ({', '.join(existing)}); pass --resume "
             f"{os.path.join(output, 'last.pt')} to continue it, --overwrite to replace it, or another --output"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in existing:
+            os.remove(os.path.join(output, name))
 
 
 def run_train(run: dict, output: str | None, resume_state: dict | None = None, resume_path: str | None = None,
