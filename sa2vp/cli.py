@@ -116,8 +116,8 @@ def _kwarg(text: str):
 # Parser
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the presets table as written; defaults are stated in each flag's help."""
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -180,7 +180,7 @@ def _add_data_flags(p: argparse.ArgumentParser, eval_mode: bool = False) -> None
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: CUDA when available (torchrun: one device per process)")
+                   help="auto (default): CUDA when available (torchrun: one device per process)")
     p.add_argument("--num-workers", type=_non_negative_int, help="data loader workers per process "
                                                                  "(default: min(8, CPUs per process))")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to score (default: the run's evaluation split)")
     e.add_argument("--pretrained", metavar="PATH", help="backbone weights (default: the run's)")
     e.add_argument("--img-size", type=_positive_int, help="input size (default: the checkpoint's)")
-    e.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch per process")
-    e.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16", help="precision on GPU")
+    e.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch per process (default 128)")
+    e.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16", help="precision on GPU (default bf16)")
     e.add_argument("--backend", choices=("auto", "triton", "cuda", "cpu", "reference"),
                    help="kernel backend (default: the checkpoint's)")
     e.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -268,11 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", metavar="PNG", help="output file (default IMAGE stem + _sa2vp.png)")
     s.add_argument("--pretrained", metavar="PATH", help="backbone weights (default: the run's)")
     s.add_argument("--img-size", type=_positive_int, help="input size (default: the checkpoint's)")
-    s.add_argument("--alpha", type=float, default=0.55, help="opacity of the heat map")
-    s.add_argument("--cmap", default="inferno", help="matplotlib colour map")
+    s.add_argument("--alpha", type=float, default=0.55, help="opacity of the heat map (default 0.55)")
+    s.add_argument("--cmap", default="inferno", help="matplotlib colour map (default inferno)")
     s.add_argument("--backend", choices=("auto", "triton", "cuda", "cpu", "reference"),
                    help="kernel backend (default: the checkpoint's)")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto (default): CUDA when available")
 
     # convert-official ---------------------------------------------------------------------------------
     sub.add_parser("convert-official", add_help=False,
@@ -471,7 +472,8 @@ def cmd_eval(args) -> int:
     tf = build_transform(family, False, size, _pick(args.mean, d.get("mean"), (0.5,) * 3),
                          _pick(args.std, d.get("std"), (0.5,) * 3))
     workers = _pick(args.num_workers, _default_workers(int(os.environ.get("WORLD_SIZE", "1"))))
-    result = T.run_eval(model, ImageListDataset(samples, tf, name), args.batch_size, workers, args.amp, args.device)
+    result = T.run_eval(model, ImageListDataset(samples, tf, name), args.batch_size, workers, args.amp, args.device,
+                        progress=not args.no_progress)
     if result.pop("is_main"):
         result.update({"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(root),
                        "split": split, "file": name})

@@ -184,7 +184,8 @@ def _demo(st: DemoSettings, output: str | None, progress: bool, echo) -> dict:
                   "deep_prompts": None, "backbone_dropout": 0.0, "pretrained": backbone_file,
                   "pretrained_fingerprint": T.file_fingerprint(backbone_file), "sa2vp": None},
         "data": {"root": None, "format": "sklearn-digits", "mode": "trainval_test", "family": "vtab",
-                 "mean": [0.5] * 3, "std": [0.5] * 3, "train_size": len(train_split[1])},
+                 "mean": [0.5] * 3, "std": [0.5] * 3, "train_size": len(train_split[1]),
+                 "class_names": [str(d) for d in range(5, 10)]},
         "train": {"epochs": st.epochs, "warmup_epochs": max(1, st.epochs // 10), "lr": st.lr, "min_lr": 1e-7,
                   "weight_decay": 1e-4, "batch_size": st.batch_size, "accum_steps": 1, "amp": "fp32",
                   "seed": st.seed, "clip_grad": None, "eval_every": max(1, st.epochs // 3), "save_every": 0,
@@ -197,7 +198,8 @@ def _demo(st: DemoSettings, output: str | None, progress: bool, echo) -> dict:
     run["model"]["sa2vp"] = model.config.to_dict()
     T.seed_everything(st.seed)
     trainer = T.Trainer(model, TensorDataset(*train_split), TensorDataset(*test_split), run, T.DistInfo(),
-                        output, progress=progress, eval_name="test", select_best=False, echo=echo)
+                        output, progress=progress, eval_name="test", select_best=False, echo=echo,
+                        print_every=10)
     if output is not None:
         T.atomic_write_text(json.dumps(run, indent=2) + "\n", os.path.join(output, "run.json"))
     summary = trainer.fit()

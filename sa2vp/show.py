@@ -79,5 +79,8 @@ def write_overlay(model, image_path: str, output: str, layer: int | None = None,
     with torch.no_grad():
         pred = int(model(x).logits.argmax(-1)[0])
     overlay(image, heat, alpha, cmap).save(output, format="PNG")
+    names = data.get("class_names")
+    if names and pred < len(names):
+        pred = f"{pred} ({names[pred]})"
     return {"layer": layer, "min": float(heat.min()), "max": float(heat.max()), "pred": pred,
             "grid": tuple(heat.shape)}

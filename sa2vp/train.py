@@ -436,12 +436,16 @@ def shard(dataset, info: DistInfo):
 
 
 @torch.no_grad()
-def evaluate(model, loader, info: DistInfo, amp: str = "fp32") -> dict:
+def evaluate(model, loader, info: DistInfo, amp: str = "fp32", progress: bool = False) -> dict:
     """Top-1 accuracy (%) and mean cross-entropy of both heads, summed over every process."""
     model = _unwrap(model)
     was_training = model.training
     model.eval()
     correct = prompt_correct = loss_sum = total = 0.0
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
     for images, labels in loader:
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
@@ -510,7 +514,8 @@ class Trainer:
     """
 
     def __init__(self, model, train_set, eval_set, run: dict, info: DistInfo, output: str | None,
-                 progress: bool = True, eval_name: str = "eval", select_best: bool = True, echo=print):
+                 progress: bool = True, eval_name: str = "eval", select_best: bool = True, echo=print,
+                 print_every: int = 1):
         t = run["train"]
         self.run, self.info, self.output = run, info, output
         self.train_set, self.eval_set = train_set, eval_set
@@ -521,6 +526,7 @@ class Trainer:
         self.clip_grad = t.get("clip_grad")
         self.seed = int(t["seed"])
         self.eval_name, self.select_best = eval_name, select_best
+        self.print_every = max(int(print_every), 1)
         self.progress = progress and info.is_main
         self.echo = echo if info.is_main else (lambda *a, **k: None)
 
@@ -741,7 +747,8 @@ class Trainer:
             record = {"event": "epoch", "epoch": done, "step": self.step, **stats}
             improved = False
             if self.eval_loader is not None and (done % self.eval_every == 0 or done == self.epochs):
-                self.last_eval = {"epoch": done, **evaluate(self.model, self.eval_loader, info, self.amp)}
+                self.last_eval = {"epoch": done, **evaluate(self.model, self.eval_loader, info, self.amp,
+                                                            self.progress)}
                 record.update({f"{self.eval_name}_{k}": v for k, v in self.last_eval.items() if k != "epoch"})
                 if self.select_best and (self.best["acc"] is None or self.last_eval["acc"] > self.best["acc"]):
                     self.best = {"acc": self.last_eval["acc"], "epoch": done}
@@ -749,9 +756,11 @@ class Trainer:
             self.logger.log(record, step=self.step)
             msg = (f"epoch {done}/{self.epochs}  loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
                    f"{stats['images_per_s']:.1f} img/s")
-            if "epoch" in (self.last_eval or {}) and self.last_eval["epoch"] == done:
+            evaluated = (self.last_eval or {}).get("epoch") == done
+            if evaluated:
                 msg += f"  {self.eval_name} acc {self.last_eval['acc']:.2f}%"
-            self.echo(msg)
+            if evaluated or done % self.print_every == 0 or done == self.epochs:
+                self.echo(msg)
             self.save(done, improved)
         _barrier(info)
         summary = {"epochs": self.epochs, "steps": self.step, "seconds": time.perf_counter() - t_start,
@@ -818,6 +827,7 @@ def run_train(run: dict, output: str | None, resume_state: dict | None = None, r
         run["model"]["num_classes"] = splits.num_classes
         run["data"]["format"] = splits.format
         run["data"]["train_size"] = len(splits.train)
+        run["data"]["class_names"] = splits.class_names
         if run["data"]["family"] is None:
             run["data"]["family"] = "vtab" if splits.format == "vtab" else "fgvc"
         train_set, eval_set = _datasets(run, splits)
@@ -855,7 +865,8 @@ def run_train(run: dict, output: str | None, resume_state: dict | None = None, r
             dist.destroy_process_group()
 
 
-def run_eval(model, eval_set, batch_size: int, num_workers: int, amp: str, device: str = "auto") -> dict:
+def run_eval(model, eval_set, batch_size: int, num_workers: int, amp: str, device: str = "auto",
+             progress: bool = True) -> dict:
     """Evaluate ``model`` on ``eval_set`` (sharded over the processes of a torchrun job)."""
     info = init_distributed(device)
     try:
@@ -864,7 +875,7 @@ def run_eval(model, eval_set, batch_size: int, num_workers: int, amp: str, devic
         model = model.to(info.device)
         loader = DataLoader(shard(eval_set, info), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=info.device.type == "cuda")
-        result = evaluate(model, loader, info, amp)
+        result = evaluate(model, loader, info, amp, progress)
         result["is_main"] = info.is_main
         return result
     finally:
