@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sa2vp_kernels
 from sa2vp import cli
 from sa2vp import train as T
 from sa2vp.presets import PRESETS, get_preset
@@ -24,6 +25,13 @@ def one_thread():
 
 def _train(data, out, *extra):
     return cli.main(["train", "--data", data, "--output", out, *TINY_VIT, "--batch-size", "4", *extra])
+
+
+def _run_or_exit(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def _records(out):
@@ -46,7 +54,7 @@ def test_train_then_eval_each_layout(tmp_path, capsys, one_thread, layout, mode)
     assert expected <= set(os.listdir(out))
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files
     epochs = [r for r in _records(out) if r["event"] == "epoch"]
-    assert len(epochs) == 1 and f"{split}_acc" in epochs[0] and math_finite(epochs[0]["loss"])
+    assert len(epochs) == 1 and f"{split}_acc" in epochs[0] and np.isfinite(epochs[0]["loss"])
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     run = T.load_state(os.path.join(out, "last.pt"))["run"]
@@ -65,11 +73,7 @@ def test_train_then_eval_each_layout(tmp_path, capsys, one_thread, layout, mode)
         assert result["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
 
 
-def math_finite(x):
-    return np.isfinite(x)
-
-
-@pytest.mark.skipif(not __import__("sa2vp_kernels").extension_available(), reason="needs the compiled CPU kernels")
+@pytest.mark.skipif(not sa2vp_kernels.extension_available(), reason="needs the compiled CPU kernels")
 def test_train_with_compiled_cpu_kernels(tmp_path, capsys, one_thread):
     # The default path on CPU (backend auto -> cpu kernels), backbone dropout on, deep prompts present.
     data, out = make_fgvc(str(tmp_path / "data")), str(tmp_path / "run")
@@ -195,15 +199,8 @@ def test_convert_official_is_forwarded(tmp_path, capsys):
         cli.main(["convert-official", "--help"])
     assert exc.value.code == 0 and "--variant" in capsys.readouterr().out
     missing = str(tmp_path / "nope.pth")
-    code = run_or_exit(["convert-official", missing, str(tmp_path / "out.safetensors"), "--variant", "paper"])
+    code = _run_or_exit(["convert-official", missing, str(tmp_path / "out.safetensors"), "--variant", "paper"])
     assert code != 0 and not os.path.exists(tmp_path / "out.safetensors")
-
-
-def run_or_exit(argv):
-    try:
-        return cli.main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.mark.parametrize("argv_tail, message", [
@@ -260,3 +257,34 @@ def test_demo_shortened_reaches_accuracy_bar(tmp_path, capsys):
     assert cli.main(["show", os.path.join(out, "final.safetensors"), os.path.join(out, "example.png"),
                      "-o", str(tmp_path / "digit.png")]) == 0
     assert Image.open(tmp_path / "digit.png").size == (128, 128)
+
+
+def test_pretrained_weights_are_used_and_checked(tmp_path, capsys, one_thread):
+    from safetensors.torch import save_file
+
+    from sa2vp.weights import build_backbone
+
+    kwargs = dict(depth=5, embed_dim=32, num_heads=2, patch_size=8, mlp_ratio=2, img_size=32, num_classes=0)
+    files = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        vit = build_backbone("vit_tiny_patch16_224", kwargs)
+        files.append(str(tmp_path / f"vit{seed}.safetensors"))
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, files[-1])
+    data, out = make_vtab(str(tmp_path / "data")), str(tmp_path / "run")
+    assert _train(data, out, "--epochs", "1", "--pretrained", files[0]) == 0
+    from safetensors.torch import load_file
+
+    from sa2vp.cli import load_for_inference
+
+    model, _ = load_for_inference(os.path.join(out, "last.pt"))
+    expected = load_file(files[0])
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    capsys.readouterr()
+    # Another backbone file is refused at evaluation and at resume.
+    assert cli.main(["eval", os.path.join(out, "last.pt"), "--pretrained", files[1], "--num-workers", "0"]) == 1
+    assert "is not the backbone file" in capsys.readouterr().err
+    os.replace(files[1], files[0])
+    assert cli.main(["train", "--resume", os.path.join(out, "last.pt"), "--epochs", "1", "--no-progress"]) == 1
+    assert "model.pretrained_fingerprint" in capsys.readouterr().err
