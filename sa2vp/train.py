@@ -498,12 +498,14 @@ class _Logger:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss became NaN or infinite (the epoch is abandoned, nothing is saved)."""
 
 
 class Trainer:
@@ -737,6 +739,16 @@ class Trainer:
                 "seconds": elapsed}
 
     def fit(self) -> dict:
+        """Train from ``start_epoch`` to the end; returns the summary (final and best evaluation)."""
+        try:
+            return self._fit()
+        except BaseException as exc:
+            self.logger.log({"event": "stopped", "step": self.step, "reason": f"{type(exc).__name__}: {exc}"[:500]})
+            raise
+        finally:
+            self.logger.close()
+
+    def _fit(self) -> dict:
         info = self.info
         t_start = time.perf_counter()
         if self.start_epoch >= self.epochs:
@@ -769,7 +781,6 @@ class Trainer:
             self._export("final.safetensors")
             atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(self.output, "summary.json"))
         self.logger.log({"event": "done", **{k: v for k, v in summary.items() if k in ("steps", "seconds")}})
-        self.logger.close()
         return summary
 
 

@@ -256,3 +256,25 @@ def test_sampler_epoch_changes_order_and_is_reproducible():
     assert sorted(order(0)) == list(range(20))
     assert order(0) != order(1)
     assert order(1) == order(1)
+
+
+def test_nan_loss_stops_without_saving_the_epoch(tmp_path, capsys, monkeypatch, one_thread):
+    data = make_vtab(str(tmp_path / "data"))  # 6 training images: 2 steps per epoch
+    out = str(tmp_path / "run")
+    calls = {"n": 0}
+    original = SA2VP.loss
+
+    def loss_turning_nan(self, outputs, target):
+        calls["n"] += 1
+        value = original(self, outputs, target)
+        return value * float("nan") if calls["n"] > 2 else value
+
+    monkeypatch.setattr(SA2VP, "loss", loss_turning_nan)
+    assert cli.main(_train_args(data, out, "--epochs", "3", "--batch-size", "3", "--eval-every", "1")) == 1
+    assert "training loss became nan in epoch 2" in capsys.readouterr().err
+    state = T.load_state(os.path.join(out, "last.pt"))
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not os.path.exists(os.path.join(out, "final.safetensors"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last = f.readlines()[-1]
+    assert '"event": "stopped"' in last and "NonFiniteLossError" in last
