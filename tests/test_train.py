@@ -278,3 +278,20 @@ def test_nan_loss_stops_without_saving_the_epoch(tmp_path, capsys, monkeypatch, 
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = f.readlines()[-1]
     assert '"event": "stopped"' in last and "NonFiniteLossError" in last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_and_eval_on_gpu(tmp_path, capsys, amp):
+    data = make_fgvc(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    argv = _train_args(data, out, "--epochs", "2", "--batch-size", "4", "--amp", amp, "--eval-every", "1")
+    argv[argv.index("reference")] = "auto"
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "device cuda" in printed and f"precision {amp}" in printed
+    state = T.load_state(os.path.join(out, "last.pt"))
+    assert state["epoch"] == 2 and (state["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert cli.main(["eval", os.path.join(out, "last.pt"), "--amp", amp, "--num-workers", "0"]) == 0
+    assert "val accuracy on val.json (3 images)" in capsys.readouterr().out
