@@ -7,7 +7,8 @@ Layouts (``root`` is the folder given with ``--data``):
   ``0 .. num_classes - 1``.
 * **fgvc**: ``train.json``, ``val.json``, ``test.json``, each a ``{relative_path: label}`` map.  The
   sorted unique labels of all three files are mapped to ``0 .. K-1`` (the same map for every split).
-  Images are looked up under ``root/images`` when that folder exists, else under ``root``.
+  Paths are relative to ``root/images`` (CUB, NABirds), ``root/Images`` (Stanford Dogs) or ``root``
+  (Cars, Flowers): the first of these that holds the first training image.
 * **imagefolder**: ``train/``, ``val/`` and/or ``test/`` sub-folders with one folder per class; class
   ids follow the sorted class-folder names of all splits together.
 
@@ -214,12 +215,22 @@ def _load_vtab(root, mode, num_classes):
     return DataSplits(train, evals, num_classes, "vtab", train_file, eval_file)
 
 
+def _fgvc_image_root(root: str, first: str, source: str) -> str:
+    """The folder the json paths are relative to: ``images/`` (CUB, NABirds), ``Images/`` (Stanford Dogs)
+    or the dataset folder itself (Cars, Flowers), whichever holds the first listed image."""
+    candidates = [os.path.join(root, "images"), os.path.join(root, "Images"), root]
+    for base in candidates:
+        if os.path.isfile(os.path.join(base, first)):
+            return base
+    raise DataError(f"{source}: image {first!r} is under none of {', '.join(candidates)}")
+
+
 def _load_fgvc(root, mode, num_classes):
     paths = {split: _require_file(root, name) for split, name in FGVC_FILES.items()}
     maps = {split: read_fgvc_json(path) for split, path in paths.items()}
     labels = _sort_labels({v for m in maps.values() for v in m.values()}, ", ".join(paths.values()))
     index = {label: i for i, label in enumerate(labels)}
-    image_root = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
+    image_root = _fgvc_image_root(root, next(iter(maps["train"])), paths["train"])
 
     def samples(split):
         out = [(os.path.join(image_root, rel), index[label]) for rel, label in maps[split].items()]

@@ -157,3 +157,18 @@ def test_unreadable_image_names_the_file(tmp_path):
     ds = ImageListDataset([(str(path), 0)], build_transform("vtab", False, 16))
     with pytest.raises(DataError, match=r"cannot read image .*broken\.png"):
         ds[0]
+
+
+def test_fgvc_image_folder_variants(tmp_path):
+    # Stanford Dogs keeps its images in Images/, Cars and Flowers next to the json files.
+    root = make_fgvc(str(tmp_path / "dogs"))
+    os.rename(os.path.join(root, "images"), os.path.join(root, "Images"))
+    splits = load_splits(root, "train_val")
+    assert all(path.startswith(os.path.join(root, "Images") + os.sep) for path, _ in splits.train)
+    root = make_fgvc(str(tmp_path / "cars"))
+    for name in os.listdir(os.path.join(root, "images")):
+        os.rename(os.path.join(root, "images", name), os.path.join(root, name))
+    os.rmdir(os.path.join(root, "images"))
+    assert all(os.path.isfile(path) for path, _ in load_splits(root, "trainval_test").eval)
+    os.remove(load_splits(root, "train_val").train[0][0])
+    _expect(r"train\.json: image '.*' is under none of", load_splits, root, "train_val")
