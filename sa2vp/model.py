@@ -141,7 +141,36 @@ def _is_stochastic(vit: nn.Module) -> bool:
     return False
 
 
-class SA2VP(nn.Module):
+class TrainableStateMixin:
+    """Trainable-parameter access shared by the SA2VP models: everything outside ``backbone.`` trains."""
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of everything SA2VP trains (prompts, adapters, head); the backbone is frozen."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.trainable_parameters()}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the trainable parameters; every one must be present with its shape, nothing else."""
+        own = dict(self.trainable_parameters())
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"trainable state dict mismatch: missing {missing}, unexpected {unexpected}")
+        bad = [f"{n}: {tuple(state_dict[n].shape)} vs {tuple(p.shape)}" for n, p in own.items()
+               if tuple(state_dict[n].shape) != tuple(p.shape)]
+        if bad:
+            raise ValueError(f"trainable state dict shapes differ from the model's (checkpoint vs model): {bad}")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state_dict[n])
+
+    def num_trainable(self, include_head: bool = True) -> int:
+        return sum(p.numel() for n, p in self.trainable_parameters() if include_head or not n.startswith("head."))
+
+
+class SA2VP(TrainableStateMixin, nn.Module):
     """SA2VP (spatially aligned-and-adapted visual prompt) over a frozen timm ViT.
 
     Args:
@@ -374,32 +403,6 @@ class SA2VP(nn.Module):
             raise ValueError(f"block {layer} is a B2P block (it sends no message to the image); P2B blocks: {p2b}")
         _, _, message, (gh, gw) = self._encode(images, record_layer=layer)
         return message[:, self.num_prefix:].norm(dim=-1).reshape(message.shape[0], gh, gw)
-
-    # ----------------------------------------------------------------------------------- parameters
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of everything SA2VP trains (prompts, adapters, head); the backbone is frozen."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable_parameters()}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load the trainable parameters; every one must be present with its shape, nothing else."""
-        own = dict(self.trainable_parameters())
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"trainable state dict mismatch: missing {missing}, unexpected {unexpected}")
-        bad = [f"{n}: {tuple(state_dict[n].shape)} vs {tuple(p.shape)}" for n, p in own.items()
-               if tuple(state_dict[n].shape) != tuple(p.shape)]
-        if bad:
-            raise ValueError(f"trainable state dict shapes differ from the model's (checkpoint vs model): {bad}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state_dict[n])
-
-    def num_trainable(self, include_head: bool = True) -> int:
-        return sum(p.numel() for n, p in self.trainable_parameters() if include_head or not n.startswith("head."))
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -53,7 +53,7 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 
-from .model import Adapter, PromptMap, SA2VPOutput, _is_stochastic
+from .model import Adapter, PromptMap, SA2VPOutput, TrainableStateMixin, _is_stochastic
 from .weights import _TORCH_SUFFIXES, _read_state_dict, _short, backbone_name
 
 __all__ = [
@@ -281,7 +281,7 @@ def _check_backbone(swin, stages) -> None:
 
 
 # --------------------------------------------------------------------------------------------- model
-class SA2VPSwin(nn.Module):
+class SA2VPSwin(TrainableStateMixin, nn.Module):
     """SA2VP over a frozen timm Swin Transformer.
 
     Args:
@@ -533,32 +533,6 @@ class SA2VPSwin(nn.Module):
                              f"(stage, block): {self.p2b_blocks}, as block indices: {flat}")
         x, _, message = self._encode(images, record=layer)
         return message.norm(dim=-1).reshape(x.shape[:3])
-
-    # ----------------------------------------------------------------------------------- parameters
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of everything SA2VP trains (prompt map, adapters, head); the backbone is frozen."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable_parameters()}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load the trainable parameters; every one must be present with its shape, nothing else."""
-        own = dict(self.trainable_parameters())
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"trainable state dict mismatch: missing {missing}, unexpected {unexpected}")
-        bad = [f"{n}: {tuple(state_dict[n].shape)} vs {tuple(p.shape)}" for n, p in own.items()
-               if tuple(state_dict[n].shape) != tuple(p.shape)]
-        if bad:
-            raise ValueError(f"trainable state dict shapes differ from the model's (checkpoint vs model): {bad}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state_dict[n])
-
-    def num_trainable(self, include_head: bool = True) -> int:
-        return sum(p.numel() for n, p in self.trainable_parameters() if include_head or not n.startswith("head."))
 
     def extra_repr(self) -> str:
         cfg = self.config
