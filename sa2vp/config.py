@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sa2vp_kernels import BACKENDS
 
@@ -38,8 +38,77 @@ def _layer_tuple(name: str, value) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
+def _check_float(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a float, got {value!r}")
+    return float(value)
+
+
+def _check_window(window) -> int:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd int, got {window!r}")
+    return window
+
+
+_Config = TypeVar("_Config", bound="_ConfigMixin")
+
+
+class _ConfigMixin:
+    """What :class:`SA2VPConfig` and ``sa2vp.swin.SA2VPSwinConfig`` share: the checks of their common
+    fields and the (de)serialisation to a dict or JSON.  The subclasses are dataclasses; ``to_dict``
+    writes the fields named in ``_LIST_FIELDS`` (tuples or None) as lists, so the dict is JSON-ready."""
+
+    _LIST_FIELDS: tuple[str, ...] = ()
+
+    def _check_common_fields(self) -> None:
+        """Checks and normalises ``border``, ``prompt_grid``, the dropouts, ``loss_weights`` and ``backend``."""
+        if self.border not in ("clip", "zero"):
+            raise ValueError(f"border must be 'clip' or 'zero', got {self.border!r}")
+        if self.prompt_grid is not None:
+            grid = tuple(self.prompt_grid)
+            if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+                raise ValueError(f"prompt_grid must be None or a pair (h, w) of positive ints, got {self.prompt_grid!r}")
+            self.prompt_grid = grid
+        for name in ("adapter_dropout", "attn_dropout"):
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+            setattr(self, name, float(p))
+        weights = tuple(self.loss_weights)
+        if len(weights) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise ValueError(f"loss_weights must be a pair of floats (base, prompt), got {self.loss_weights!r}")
+        self.loss_weights = (float(weights[0]), float(weights[1]))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def replace(self: _Config, **changes) -> _Config:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in self._LIST_FIELDS:
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[_Config], text: str) -> _Config:
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass
-class SA2VPConfig:
+class SA2VPConfig(_ConfigMixin):
     """Hyper-parameters of SA2VP on a ViT backbone.
 
     Attributes:
@@ -76,38 +145,20 @@ class SA2VPConfig:
     loss_weights: tuple[float, float] = (0.8, 0.2)
     backend: str = "auto"
 
+    _LIST_FIELDS = ("b2p_layers", "deep_layers", "prompt_grid", "loss_weights")
+
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.s, (int, float)) or isinstance(self.s, bool):
-            raise ValueError(f"s must be a float, got {self.s!r}")
-        self.s = float(self.s)
+        self.s = _check_float("s", self.s)
         self.b2p_layers = _layer_tuple("b2p_layers", self.b2p_layers)
         self.deep_layers = _layer_tuple("deep_layers", self.deep_layers)
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1 or self.window % 2 == 0:
-            raise ValueError(f"window must be a positive odd int, got {self.window!r}")
+        _check_window(self.window)
         if self.cross_heads != "backbone" and (
             not isinstance(self.cross_heads, int) or isinstance(self.cross_heads, bool) or self.cross_heads < 1
         ):
             raise ValueError(f"cross_heads must be 'backbone' or a positive int, got {self.cross_heads!r}")
-        if self.border not in ("clip", "zero"):
-            raise ValueError(f"border must be 'clip' or 'zero', got {self.border!r}")
-        if self.prompt_grid is not None:
-            grid = tuple(self.prompt_grid)
-            if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
-                raise ValueError(f"prompt_grid must be None or a pair (h, w) of positive ints, got {self.prompt_grid!r}")
-            self.prompt_grid = grid
-        for name in ("adapter_dropout", "attn_dropout"):
-            p = getattr(self, name)
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
-            setattr(self, name, float(p))
-        weights = tuple(self.loss_weights)
-        if len(weights) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-            raise ValueError(f"loss_weights must be a pair of floats (base, prompt), got {self.loss_weights!r}")
-        self.loss_weights = (float(weights[0]), float(weights[1]))
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._check_common_fields()
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "SA2VPConfig":
@@ -123,9 +174,6 @@ class SA2VPConfig:
                 return name
         return None
 
-    def replace(self, **changes) -> "SA2VPConfig":
-        return replace(self, **changes)
-
     def layers(self, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(b2p, deep)`` layer indices for a backbone of ``depth`` blocks, validated."""
         b2p = self.b2p_layers if self.b2p_layers is not None else tuple(i for i in range(depth) if i % 4 == 0)
@@ -138,25 +186,3 @@ class SA2VPConfig:
         if outside:
             raise ValueError(f"deep_layers must be B2P layers; {outside} are not in b2p_layers {b2p}")
         return b2p, deep
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("b2p_layers", "deep_layers", "prompt_grid", "loss_weights"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SA2VPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SA2VPConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SA2VPConfig":
-        return cls.from_dict(json.loads(text))

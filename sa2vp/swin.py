@@ -29,8 +29,7 @@ use the fused ``sa2vp_kernels`` ops.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from torch import nn
 
 import sa2vp_kernels
 import timm
-from sa2vp_kernels import BACKENDS
 from sa2vp_kernels.reference import local_cross_attention_vectorized
 from timm.layers import trunc_normal_
 from timm.models import get_arch_name, is_model, model_entrypoint
@@ -53,6 +51,7 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 
+from .config import _check_float, _check_window, _ConfigMixin
 from .model import Adapter, PromptMap, SA2VPOutput, TrainableStateMixin, _is_stochastic
 from .weights import _TORCH_SUFFIXES, _read_state_dict, _short, backbone_name
 
@@ -87,7 +86,7 @@ def _index_tuple(name: str, value, allow_none: bool) -> tuple[int, ...] | None:
 
 
 @dataclass
-class SA2VPSwinConfig:
+class SA2VPSwinConfig(_ConfigMixin):
     """Hyper-parameters of SA2VP on a Swin backbone (defaults: the authors' Swin-B settings).
 
     Attributes:
@@ -120,38 +119,17 @@ class SA2VPSwinConfig:
     loss_weights: tuple[float, float] = (0.8, 0.2)
     backend: str = "auto"
 
+    _LIST_FIELDS = ("stages", "b2p_blocks", "prompt_grid", "loss_weights")
+
     def __post_init__(self):
         _check_int("r", self.r, 1)
-        if not isinstance(self.s, (int, float)) or isinstance(self.s, bool):
-            raise ValueError(f"s must be a float, got {self.s!r}")
-        self.s = float(self.s)
+        self.s = _check_float("s", self.s)
         self.stages = _index_tuple("stages", self.stages, allow_none=False)
         if not self.stages:
             raise ValueError("stages must name at least one interaction stage")
         self.b2p_blocks = _index_tuple("b2p_blocks", self.b2p_blocks, allow_none=True)
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1 or self.window % 2 == 0:
-            raise ValueError(f"window must be a positive odd int, got {self.window!r}")
-        if self.border not in ("clip", "zero"):
-            raise ValueError(f"border must be 'clip' or 'zero', got {self.border!r}")
-        if self.prompt_grid is not None:
-            grid = tuple(self.prompt_grid)
-            if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
-                raise ValueError(f"prompt_grid must be None or a pair (h, w) of positive ints, got {self.prompt_grid!r}")
-            self.prompt_grid = grid
-        for name in ("adapter_dropout", "attn_dropout"):
-            p = getattr(self, name)
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
-            setattr(self, name, float(p))
-        weights = tuple(self.loss_weights)
-        if len(weights) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-            raise ValueError(f"loss_weights must be a pair of floats (base, prompt), got {self.loss_weights!r}")
-        self.loss_weights = (float(weights[0]), float(weights[1]))
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-
-    def replace(self, **changes) -> "SA2VPSwinConfig":
-        return replace(self, **changes)
+        _check_window(self.window)
+        self._check_common_fields()
 
     def b2p(self, depth: int) -> tuple[int, ...]:
         """B2P block indices of an interaction stage of ``depth`` blocks, validated."""
@@ -162,28 +140,6 @@ class SA2VPSwinConfig:
             raise ValueError(f"b2p_blocks {self.b2p_blocks} holds blocks {bad} beyond an interaction stage's "
                              f"depth {depth}")
         return self.b2p_blocks
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("stages", "b2p_blocks", "prompt_grid", "loss_weights"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SA2VPSwinConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SA2VPSwinConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SA2VPSwinConfig":
-        return cls.from_dict(json.loads(text))
 
 
 # ------------------------------------------------------------------------------------------- backbones
