@@ -3,13 +3,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 // Importing sa2vp_kernels._C registers the operators below (no Python bindings needed).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 
+namespace {
+// (instruction set the CPU kernels use now, best one this processor supports): generic, avx2, avx512.
+std::tuple<std::string, std::string> cpu_isa_op() {
+  return {sa2vp::cpu_isa_name(sa2vp::cpu_isa()), sa2vp::cpu_isa_name(sa2vp::detected_cpu_isa())};
+}
+}  // namespace
+
 TORCH_LIBRARY(sa2vp_kernels, m) {
+  // ---- CPU instruction set ---------------------------------------------------------------------
+  // (in use, detected): the float32 CPU kernels have AVX-512, AVX2 + FMA and portable versions;
+  // SA2VP_CPU_ISA=generic|avx2|avx512 caps the one in use.
+  m.def("cpu_isa() -> (str, str)", &cpu_isa_op);
   // ---- local cross attention -------------------------------------------------------------
   // q, k, v: (B, H, N, D), any strides with stride(-1) == 1 preferred; N = num_prefix + grid_h*grid_w.
   // Returns out (B, H, N, D) contiguous, same dtype as q, and lse (B, H, N): the log-sum-exp of the

@@ -38,3 +38,19 @@ def require_kernel(op: str, backend: str) -> None:
         raise RuntimeError(
             f"backend={backend!r}: sa2vp_kernels._C was built without {key} kernels for {op!r}; {BUILD_HINT}"
         )
+
+
+CPU_ISAS = ("generic", "avx2", "avx512")
+
+
+def cpu_isa() -> tuple[str, str]:
+    """``(in_use, supported)``: the instruction set the float32 CPU kernels use now and the best one this
+    processor supports, each ``"generic"``, ``"avx2"`` or ``"avx512"``.
+
+    The environment variable ``SA2VP_CPU_ISA`` (one of those names) caps the one in use; it is read at
+    every call of a CPU kernel.
+    """
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
+    in_use, supported = torch.ops.sa2vp_kernels.cpu_isa()
+    return in_use, supported

@@ -4,8 +4,9 @@
 //
 // Tokens are processed in chunks of kRows rows whose intermediates (LayerNorm output, hidden
 // activations, up projection) stay in cache: the big tensors are read once and written once.
-// The low-rank products of a chunk use three small kernels (vectorised with AVX2/FMA when the
-// processor has it, float32; portable loops otherwise):
+// float32 runs AVX-512 kernels (cpu/simd512.h, below) when the processor has AVX-512, else AVX2 + FMA
+// versions of the portable code (SA2VP_CPU_ISA caps the choice: cpu/isa.h). In the portable and AVX2
+// versions the low-rank products of a chunk use three small kernels:
 //   rowdot     out[i][j]  = sum_c X[i][c] * W[j][c]       (tokens x C times C x r)
 //   expand     out[i][c]  = init[c] + sum_j H[i][j] W[j][c] (tokens x r times r x C)
 //   outer_acc  acc[j][c] += sum_i H[i][j] X[i][c]       (sums over tokens of r x C outer products)
@@ -31,6 +32,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/isa.h"
+#include "cpu/simd512.h"
 #include "prompt_add.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -314,15 +317,11 @@ SA2VP_AVX2 void keep_scale_avx2(uint32_t row_state, int64_t C, uint32_t threshol
   }
   for (; c < C; ++c) out[c] = hash::keep(row_state, static_cast<uint32_t>(c), threshold) ? s : 0.f;
 }
-
-bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 #endif
 
+// The small products, portable.
 template <typename T>
-struct Ops {
+struct OpsRef {
   static void rowdot(const T* x, int64_t rows, const T* w, int64_t r, int64_t C, T* out) {
     rowdot_ref(x, rows, w, r, C, out);
   }
@@ -338,20 +337,20 @@ struct Ops {
 };
 
 #ifdef SA2VP_PROMPT_ADD_AVX2
-template <>
-struct Ops<float> {
+// The small products with AVX2 + FMA (float32; only called when the processor has them).
+struct OpsAvx2 {
   static void rowdot(const float* x, int64_t rows, const float* w, int64_t r, int64_t C, float* out) {
-    have_avx2() ? rowdot_avx2(x, rows, w, r, C, out) : rowdot_ref(x, rows, w, r, C, out);
+    rowdot_avx2(x, rows, w, r, C, out);
   }
   static void expand(const float* h, int64_t rows, int64_t r, const float* w, int64_t C, const float* init,
                      float* out) {
-    have_avx2() ? expand_avx2(h, rows, r, w, C, init, out) : expand_ref(h, rows, r, w, C, init, out);
+    expand_avx2(h, rows, r, w, C, init, out);
   }
   static void outer_acc(const float* h, int64_t rows, int64_t r, const float* x, int64_t C, float* acc) {
-    have_avx2() ? outer_acc_avx2(h, rows, r, x, C, acc) : outer_acc_ref(h, rows, r, x, C, acc);
+    outer_acc_avx2(h, rows, r, x, C, acc);
   }
   static void keep_scale(uint32_t rs, int64_t C, uint32_t threshold, float s, float* out) {
-    have_avx2() ? keep_scale_avx2(rs, C, threshold, s, out) : keep_scale_ref(rs, C, threshold, s, out);
+    keep_scale_avx2(rs, C, threshold, s, out);
   }
 };
 #endif
@@ -409,10 +408,14 @@ struct FwdArgs {
   const Dropout* drop;
   int64_t M, N, C, r;
   T *out, *mean, *rstd, *z;
+  CpuIsa isa;
+  // Only for the AVX-512 kernels: wg = down_weight * norm_weight (r, C), beff = down_bias +
+  // down_weight @ norm_bias (r,).
+  const T *wg, *beff;
 };
 
 // Forward of the tokens [m0, m0 + rows); y (kRows x C), h (kRows x r), ks (C) are scratch.
-template <typename T>
+template <typename T, class Ops>
 SA2VP_INLINE void fwd_chunk_body(const FwdArgs<T>& a, int64_t m0, int64_t rows, T* y, T* h, T* ks) {
   const int64_t C = a.C, r = a.r;
   const Dropout& drop = *a.drop;
@@ -430,20 +433,20 @@ SA2VP_INLINE void fwd_chunk_body(const FwdArgs<T>& a, int64_t m0, int64_t rows, 
   }
   // z = y @ down_weight^T + down_bias, straight into the saved z; h = drop(gelu(z)).
   T* zc = a.z + m0 * r;
-  Ops<T>::rowdot(y, rows, a.wd, r, C, zc);
+  Ops::rowdot(y, rows, a.wd, r, C, zc);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < r; ++j) zc[i * r + j] += a.bd[j];
     drop.hidden(m0 + i, zc + i * r, r, h + i * r, static_cast<T*>(nullptr));
   }
   // u = h @ up_weight^T + up_bias (into the LayerNorm buffer), then the residual epilogue.
-  Ops<T>::expand(h, rows, r, a.wu_t, C, a.bu, y);
+  Ops::expand(h, rows, r, a.wu_t, C, a.bu, y);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t m = m0 + i;
     const T* ui = y + i * C;
     const T* ti = a.tgt(m);
     T* oi = a.out + m * C;
     if (drop.active) {
-      Ops<T>::keep_scale(hash::row_state(drop.key_out, static_cast<uint32_t>(m)), C, drop.threshold,
+      Ops::keep_scale(hash::row_state(drop.key_out, static_cast<uint32_t>(m)), C, drop.threshold,
                          a.scale * T(drop.inv_keep), ks);
       for (int64_t c = 0; c < C; ++c) oi[c] = ti[c] + ks[c] * ui[c];
     } else {
@@ -467,6 +470,9 @@ struct BwdArgs {
   const Dropout* drop;
   int64_t M, C, r;
   T* gmsg;
+  CpuIsa isa;
+  // Only for the AVX-512 kernels: wg as in FwdArgs, wg_sum[j] = sum_c wg[j][c].
+  const T *wg, *wg_sum;
 };
 
 template <typename T>
@@ -478,7 +484,7 @@ struct GroupAcc {
 };
 
 // Backward of the tokens [m0, m0 + rows); g, xh (kRows x C), h, dh, gz (kRows x r), ks (C) are scratch.
-template <typename T>
+template <typename T, class Ops>
 SA2VP_INLINE void bwd_chunk_body(const BwdArgs<T>& a, const GroupAcc<T>& acc, int64_t m0, int64_t rows, T* g,
                                  T* xh, T* h, T* dh, T* gz, T* ks) {
   const int64_t C = a.C, r = a.r;
@@ -489,7 +495,7 @@ SA2VP_INLINE void bwd_chunk_body(const BwdArgs<T>& a, const GroupAcc<T>& acc, in
     const T* go = a.gout(m);
     T* gi = g + i * C;
     if (drop.active) {
-      Ops<T>::keep_scale(hash::row_state(drop.key_out, static_cast<uint32_t>(m)), C, drop.threshold,
+      Ops::keep_scale(hash::row_state(drop.key_out, static_cast<uint32_t>(m)), C, drop.threshold,
                          a.scale * T(drop.inv_keep), ks);
       for (int64_t c = 0; c < C; ++c) gi[c] = ks[c] * go[c];
     } else {
@@ -500,8 +506,8 @@ SA2VP_INLINE void bwd_chunk_body(const BwdArgs<T>& a, const GroupAcc<T>& acc, in
     for (int64_t c = 0; c < C; ++c) up_b[c] += gi[c];
     drop.hidden(m, a.z + m * r, r, h + i * r, dh + i * r);
   }
-  Ops<T>::outer_acc(h, rows, r, g, C, acc.up_w_t);
-  Ops<T>::rowdot(g, rows, a.wu_t, r, C, gz);  // gh = gu @ up_weight
+  Ops::outer_acc(h, rows, r, g, C, acc.up_w_t);
+  Ops::rowdot(g, rows, a.wu_t, r, C, gz);  // gh = gu @ up_weight
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t m = m0 + i;
     for (int64_t j = 0; j < r; ++j) {
@@ -514,8 +520,8 @@ SA2VP_INLINE void bwd_chunk_body(const BwdArgs<T>& a, const GroupAcc<T>& acc, in
     T* xi = xh + i * C;
     for (int64_t c = 0; c < C; ++c) xi[c] = (x[c] - mu) * rs_;
   }
-  Ops<T>::outer_acc(gz, rows, r, xh, C, acc.a);
-  Ops<T>::expand(gz, rows, r, a.wd, C, nullptr, g);  // gy = gz @ down_weight
+  Ops::outer_acc(gz, rows, r, xh, C, acc.a);
+  Ops::expand(gz, rows, r, a.wd, C, nullptr, g);  // gy = gz @ down_weight
   // LayerNorm backward: dx = rstd * (gy*gamma - mean(gy*gamma) - xhat * mean(gy*gamma*xhat)).
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t m = m0 + i;
@@ -533,38 +539,223 @@ SA2VP_INLINE void bwd_chunk_body(const BwdArgs<T>& a, const GroupAcc<T>& acc, in
 
 template <typename T>
 void fwd_chunk(const FwdArgs<T>& a, int64_t m0, int64_t rows, T* y, T* h, T* ks) {
-  fwd_chunk_body(a, m0, rows, y, h, ks);
+  fwd_chunk_body<T, OpsRef<T>>(a, m0, rows, y, h, ks);
 }
 
 template <typename T>
 void bwd_chunk(const BwdArgs<T>& a, const GroupAcc<T>& acc, int64_t m0, int64_t rows, T* g, T* xh, T* h, T* dh,
                T* gz, T* ks) {
-  bwd_chunk_body(a, acc, m0, rows, g, xh, h, dh, gz, ks);
+  bwd_chunk_body<T, OpsRef<T>>(a, acc, m0, rows, g, xh, h, dh, gz, ks);
 }
 
 #ifdef SA2VP_PROMPT_ADD_AVX2
 // The same chunk bodies compiled for AVX2 (their element-wise loops vectorise 8 wide).
 SA2VP_AVX2 void fwd_chunk_avx2(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* y, float* h, float* ks) {
-  fwd_chunk_body(a, m0, rows, y, h, ks);
+  fwd_chunk_body<float, OpsAvx2>(a, m0, rows, y, h, ks);
 }
 
 SA2VP_AVX2 void bwd_chunk_avx2(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t m0, int64_t rows,
                                float* g, float* xh, float* h, float* dh, float* gz, float* ks) {
-  bwd_chunk_body(a, acc, m0, rows, g, xh, h, dh, gz, ks);
+  bwd_chunk_body<float, OpsAvx2>(a, acc, m0, rows, g, xh, h, dh, gz, ks);
 }
+#endif
+
+#ifdef SA2VP_HAVE_SIMD512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+namespace s5 = simd512;
+
+// AVX-512 chunks (float32). The LayerNorm's affine is folded into the down projection,
+//   z = rstd * ((x - mean) @ wg^T) + beff,
+// the up projection is fused with the residual epilogue (no (rows x C) intermediate in the forward),
+// and in the backward gy = gz @ down_weight is fused with the LayerNorm backward, using
+// mean_c(gy * gamma) = gz . wg_sum / C.
+
+// h = drop(gelu(z)) * inv_keep for the r values of token m, and dh = drop(gelu'(z)) * inv_keep.
+inline void hidden512(const Dropout& drop, int64_t m, const float* z, int64_t r, float* h, float* dh) {
+  const uint32_t rs = hash::row_state(drop.key_hidden, static_cast<uint32_t>(m));
+  const s5::V k = s5::set1(static_cast<float>(drop.inv_keep));
+  for (int64_t j = 0; j < r; j += 16) {
+    const __mmask16 m16 = s5::col_mask(j, r);
+    const __mmask16 kept = drop.active ? (s5::keep_mask(rs, j, drop.threshold) & m16) : m16;
+    s5::V g, dg;
+    s5::gelu_and_grad(s5::load(z + j, m16), g, dg);
+    s5::store(h + j, m16, _mm512_maskz_mul_ps(kept, g, k));
+    if (dh != nullptr) s5::store(dh + j, m16, _mm512_maskz_mul_ps(kept, dg, k));
+  }
+}
+
+// out = target + scale * drop(u) [+ deep_scale * deep] for the value u of columns c.. of row i.
+struct FwdEpilogue {
+  const float* const* target;
+  float* out;  // row m0 of the output
+  const float* deep;  // row of token m0 % N of deep, or null
+  const float* deep_scale;
+  const uint32_t* row_state;
+  int64_t C, N, n0;
+  float scale;
+  uint32_t threshold;
+  bool active;
+  void operator()(int64_t i, int64_t c, __mmask16 m, s5::V u) const {
+    s5::V s = s5::set1(scale);
+    if (active) s = _mm512_maskz_mov_ps(s5::keep_mask(row_state[i], c, threshold), s);
+    s5::V o = _mm512_fmadd_ps(s, u, s5::load(target[i] + c, m));
+    if (deep != nullptr) {
+      const int64_t n = (n0 + i) % N;
+      o = _mm512_fmadd_ps(s5::load(deep_scale + c, m), s5::load(deep + n * C + c, m), o);
+    }
+    s5::store(out + i * C + c, m, o);
+  }
+};
+
+void fwd_chunk_512(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* h) {
+  const int64_t C = a.C, r = a.r;
+  const float* x[kRows];
+  const float* t[kRows];
+  float mu[kRows], rs[kRows];
+  uint32_t out_state[kRows];
+  for (int64_t i = 0; i < rows; ++i) {
+    x[i] = a.msg(m0 + i);
+    t[i] = a.tgt(m0 + i);
+    s5::row_stats(x[i], C, a.eps, mu[i], rs[i]);
+    a.mean[m0 + i] = mu[i];
+    a.rstd[m0 + i] = rs[i];
+    out_state[i] = hash::row_state(a.drop->key_out, static_cast<uint32_t>(m0 + i));
+  }
+  float* z = a.z + m0 * r;
+  s5::rowdot_rows<true>(x, mu, rows, a.wg, r, C, z, r);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < r; ++j) z[i * r + j] = rs[i] * z[i * r + j] + a.beff[j];
+    hidden512(*a.drop, m0 + i, z + i * r, r, h + i * r, nullptr);
+  }
+  const FwdEpilogue epi{t, a.out + m0 * C, a.deep, a.deep_scale, out_state, C, a.N, m0,
+                        a.scale * static_cast<float>(a.drop->inv_keep), a.drop->threshold, a.drop->active};
+  s5::expand_rows(h, r, rows, r, a.wu_t, C, a.bu, epi);
+}
+
+// xhat = (x - mean) * rstd of row i.
+struct XhatRows {
+  const float* const* x;
+  const float* mu;
+  const float* rs;
+  s5::V operator()(int64_t i, int64_t c, __mmask16 m) const {
+    return _mm512_maskz_mul_ps(m, _mm512_sub_ps(s5::load(x[i] + c, m), s5::set1(mu[i])), s5::set1(rs[i]));
+  }
+};
+
+// First half of the LayerNorm backward, grad_message = rstd * (gy*gamma - c1 - xhat * c2): stores
+// rstd * (gy*gamma - c1) and accumulates gy*gamma*xhat for c2; gy*gamma = gz @ wg is the value.
+struct LayerNormBwdEpilogue {
+  const float* const* x;
+  const float* mu;
+  const float* rs;
+  const float* c1;
+  s5::V* dot;  // per row: lanes of sum_c gy*gamma*xhat
+  float* gmsg;  // row m0
+  int64_t C;
+  void operator()(int64_t i, int64_t c, __mmask16 m, s5::V gyg) const {
+    const s5::V r_ = s5::set1(rs[i]);
+    const s5::V xhat = _mm512_maskz_mul_ps(m, _mm512_sub_ps(s5::load(x[i] + c, m), s5::set1(mu[i])), r_);
+    dot[i] = _mm512_fmadd_ps(gyg, xhat, dot[i]);
+    s5::store(gmsg + i * C + c, m, _mm512_mul_ps(r_, _mm512_sub_ps(gyg, s5::set1(c1[i]))));
+  }
+};
+
+void bwd_chunk_512(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t m0, int64_t rows, float* g,
+                   float* h, float* dh, float* gz) {
+  const int64_t C = a.C, r = a.r;
+  const Dropout& drop = *a.drop;
+  const float* x[kRows];
+  const float* gp[kRows];
+  float mu[kRows], rs[kRows], c1[kRows];
+  s5::V dot[kRows];
+  const s5::V s = s5::set1(a.scale * static_cast<float>(drop.inv_keep));
+  // gu = scale * drop'(grad_out) (into g) and its column sums; h, dh from the saved z.
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    x[i] = a.msg(m);
+    mu[i] = a.mean[m];
+    rs[i] = a.rstd[m];
+    gp[i] = g + i * C;
+    dot[i] = _mm512_setzero_ps();
+    const float* go = a.gout(m);
+    float* gi = g + i * C;
+    const uint32_t state = hash::row_state(drop.key_out, static_cast<uint32_t>(m));
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 mk = s5::col_mask(c, C);
+      const __mmask16 kept = drop.active ? (s5::keep_mask(state, c, drop.threshold) & mk) : mk;
+      const s5::V gu = _mm512_maskz_mul_ps(kept, s5::load(go + c, mk), s);
+      s5::store(gi + c, mk, gu);
+      s5::store(acc.up_b + c, mk, _mm512_add_ps(s5::load(acc.up_b + c, mk), gu));
+    }
+    hidden512(drop, m, a.z + m * r, r, h + i * r, dh + i * r);
+  }
+  // grad_up_weight^T += h^T @ gu;  gh = gu @ up_weight.
+  s5::outer_rows(h, r, rows, r, acc.up_w_t, C, s5::PlainRows{g, C});
+  s5::rowdot_rows<false>(gp, nullptr, rows, a.wu_t, r, C, gz, r);
+  // gz = gh * drop'(gelu'(z)); c1 = mean_c(gy * gamma).
+  for (int64_t i = 0; i < rows; ++i) {
+    float s1 = 0.f;
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = gz[i * r + j] * dh[i * r + j];
+      gz[i * r + j] = v;
+      acc.down_b[j] += v;
+      s1 += v * a.wg_sum[j];
+    }
+    c1[i] = s1 / static_cast<float>(C);
+  }
+  // A += gz^T @ xhat.
+  s5::outer_rows(gz, r, rows, r, acc.a, C, XhatRows{x, mu, rs});
+  // grad_message in two passes: rstd * (gy*gamma - c1), then - rstd * c2 * xhat.
+  float* gmsg = a.gmsg + m0 * C;
+  const LayerNormBwdEpilogue epi{x, mu, rs, c1, dot, gmsg, C};
+  s5::expand_rows(gz, r, rows, r, a.wg, C, static_cast<const float*>(nullptr), epi);
+  for (int64_t i = 0; i < rows; ++i) {
+    const s5::V k = s5::set1(rs[i] * _mm512_reduce_add_ps(dot[i]) / static_cast<float>(C));
+    const XhatRows xhat{x, mu, rs};
+    float* gi = gmsg + i * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 mk = s5::col_mask(c, C);
+      s5::store(gi + c, mk, _mm512_fnmadd_ps(k, xhat(i, c, mk), s5::load(gi + c, mk)));
+    }
+  }
+}
+
+#pragma GCC pop_options
+#endif
 
 template <>
 void fwd_chunk<float>(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* y, float* h, float* ks) {
-  have_avx2() ? fwd_chunk_avx2(a, m0, rows, y, h, ks) : fwd_chunk_body(a, m0, rows, y, h, ks);
+  switch (a.isa) {
+#ifdef SA2VP_HAVE_SIMD512
+    case CpuIsa::kAvx512:
+      return fwd_chunk_512(a, m0, rows, h);
+#endif
+#ifdef SA2VP_PROMPT_ADD_AVX2
+    case CpuIsa::kAvx2:
+      return fwd_chunk_avx2(a, m0, rows, y, h, ks);
+#endif
+    default:
+      return fwd_chunk_body<float, OpsRef<float>>(a, m0, rows, y, h, ks);
+  }
 }
 
 template <>
 void bwd_chunk<float>(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t m0, int64_t rows, float* g,
                       float* xh, float* h, float* dh, float* gz, float* ks) {
-  have_avx2() ? bwd_chunk_avx2(a, acc, m0, rows, g, xh, h, dh, gz, ks)
-              : bwd_chunk_body(a, acc, m0, rows, g, xh, h, dh, gz, ks);
-}
+  switch (a.isa) {
+#ifdef SA2VP_HAVE_SIMD512
+    case CpuIsa::kAvx512:
+      return bwd_chunk_512(a, acc, m0, rows, g, h, dh, gz);
 #endif
+#ifdef SA2VP_PROMPT_ADD_AVX2
+    case CpuIsa::kAvx2:
+      return bwd_chunk_avx2(a, acc, m0, rows, g, xh, h, dh, gz, ks);
+#endif
+    default:
+      return bwd_chunk_body<float, OpsRef<float>>(a, acc, m0, rows, g, xh, h, dh, gz, ks);
+  }
+}
 
 template <typename T>
 void fwd_impl(const FwdArgs<T>& a) {
@@ -598,6 +789,25 @@ void bwd_impl(const BwdArgs<T>& a, int64_t groups, T* part_up_w_t, T* part_a, T*
   });
 }
 
+// The LayerNorm's affine folded into the down projection, for the AVX-512 kernels (float32 only;
+// undefined tensors otherwise): wg = down_weight * norm_weight, beff = down_bias + down_weight @
+// norm_bias, wg_sum = wg.sum(1); sums in float64.
+struct FoldedDown {
+  at::Tensor wg, beff, wg_sum;
+  bool defined() const { return wg.defined(); }
+};
+
+FoldedDown fold_down(CpuIsa isa, const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& dw,
+                     const at::Tensor& db) {
+  FoldedDown f;
+  if (isa != CpuIsa::kAvx512 || dw.scalar_type() != at::kFloat) return f;
+  const at::Tensor wg64 = dw.to(at::kDouble) * nw.to(at::kDouble).unsqueeze(0);
+  f.wg = wg64.to(at::kFloat).contiguous();
+  f.beff = (db.to(at::kDouble) + at::mv(dw.to(at::kDouble), nb.to(at::kDouble))).to(at::kFloat).contiguous();
+  f.wg_sum = wg64.sum(1).to(at::kFloat).contiguous();
+  return f;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cpu(
     const at::Tensor& target_in, const at::Tensor& message_in, const at::Tensor& norm_weight,
     const at::Tensor& norm_bias, const at::Tensor& down_weight, const at::Tensor& down_bias,
@@ -625,13 +835,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cpu(
   at::Tensor rstd = at::empty({M}, message.options());
   at::Tensor z = at::empty({M, r}, message.options());
   const Dropout drop(dropout_p, seed);
+  const CpuIsa isa = cpu_isa();
+  FoldedDown fold = fold_down(isa, nw, nb, dw, db);
   AT_DISPATCH_FLOATING_TYPES(dtype, "prompt_add_fwd_cpu", [&] {
     using T = scalar_t;
-    const FwdArgs<T> args{Rows<T>(message), Rows<T>(target), ptr<T>(nw), ptr<T>(nb), ptr<T>(dw), ptr<T>(db),
+    FwdArgs<T> args{Rows<T>(message), Rows<T>(target), ptr<T>(nw), ptr<T>(nb), ptr<T>(dw), ptr<T>(db),
                           ptr<T>(wu_t), ptr<T>(ub), deep.defined() ? ptr<T>(deep) : nullptr,
                           deep.defined() ? ptr<T>(deep_scale) : nullptr, static_cast<T>(scale), static_cast<T>(eps),
                           &drop, M, message.size(1), message.size(2), r, ptr<T>(out), ptr<T>(mean), ptr<T>(rstd),
-                          ptr<T>(z)};
+                          ptr<T>(z), isa, nullptr, nullptr};
+    if (fold.defined()) {
+      args.wg = ptr<T>(fold.wg);
+      args.beff = ptr<T>(fold.beff);
+    }
     fwd_impl(args);
   });
   return {out, mean, rstd, z};
@@ -659,12 +875,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_dw = at::empty({r, C}, nw.options()), g_db = at::empty({r}, nw.options());
   at::Tensor g_uw = at::empty({C, r}, nw.options()), g_ub = at::empty({C}, nw.options());
   const Dropout drop(dropout_p, seed);
+  const CpuIsa isa = cpu_isa();
+  FoldedDown fold = fold_down(isa, nw, nb, dw, at::zeros({r}, nw.options()));
   AT_DISPATCH_FLOATING_TYPES(dtype, "prompt_add_bwd_cpu", [&] {
     using T = scalar_t;
     std::vector<T> part_up_w_t(groups * r * C, T(0)), part_a(groups * r * C, T(0)), part_up_b(groups * C, T(0)),
         part_down_b(groups * r, T(0));
-    const BwdArgs<T> args{Rows<T>(message), Rows<T>(grad_out), ptr<T>(mean), ptr<T>(rstd), ptr<T>(z), ptr<T>(nw),
-                          ptr<T>(dw), ptr<T>(wu_t), static_cast<T>(scale), &drop, M, C, r, ptr<T>(grad_message)};
+    BwdArgs<T> args{Rows<T>(message), Rows<T>(grad_out), ptr<T>(mean), ptr<T>(rstd), ptr<T>(z), ptr<T>(nw),
+                    ptr<T>(dw), ptr<T>(wu_t), static_cast<T>(scale), &drop, M, C, r, ptr<T>(grad_message),
+                    isa, nullptr, nullptr};
+    if (fold.defined()) {
+      args.wg = ptr<T>(fold.wg);
+      args.wg_sum = ptr<T>(fold.wg_sum);
+    }
     bwd_impl(args, groups, part_up_w_t.data(), part_a.data(), part_up_b.data(), part_down_b.data());
     // Add the group partials in order.
     const int64_t RC = r * C;

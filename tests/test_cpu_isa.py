@@ -1,0 +1,98 @@
+"""The instruction-set versions of the float32 CPU kernels (portable, AVX2 + FMA, AVX-512), each
+forced with SA2VP_CPU_ISA and checked against the float64 reference."""
+import pytest
+import torch
+
+import sa2vp_kernels as sk
+import test_prompt_add
+from sa2vp_kernels import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="no compiled CPU kernels")
+
+ORDER = {name: i for i, name in enumerate(_ext.CPU_ISAS)}
+
+
+def _supported():
+    return sk.cpu_isa()[1] if _ext.extension_available() else "generic"
+
+
+@pytest.fixture(params=_ext.CPU_ISAS)
+def isa(request, monkeypatch):
+    if ORDER[request.param] > ORDER[_supported()]:
+        pytest.skip(f"this processor has no {request.param}")
+    monkeypatch.setenv("SA2VP_CPU_ISA", request.param)
+    assert sk.cpu_isa()[0] == request.param
+    return request.param
+
+
+def test_cpu_isa_query_and_bad_value(monkeypatch):
+    in_use, supported = sk.cpu_isa()
+    assert supported in _ext.CPU_ISAS and ORDER[in_use] <= ORDER[supported]
+    monkeypatch.setenv("SA2VP_CPU_ISA", "generic")
+    assert sk.cpu_isa() == ("generic", supported)
+    monkeypatch.setenv("SA2VP_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="SA2VP_CPU_ISA must be one of generic, avx2, avx512"):
+        sk.cpu_isa()
+    t = torch.randn(1, 2, 8)
+    w = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="SA2VP_CPU_ISA"):
+        sk.prompt_add(t, t, 1.0, torch.ones(8), torch.zeros(8), w, torch.zeros(2), w.t().contiguous(),
+                      torch.zeros(8), backend="cpu")
+
+
+# ---- prompt_add -------------------------------------------------------------------------------------
+
+PROMPT_ADD_SHAPES = [
+    # (B, N, C, r): C below, at and off multiples of 16; r below, at and above 16, odd.
+    (2, 7, 40, 3),
+    (1, 5, 17, 8),
+    (3, 11, 768, 16),
+    (2, 9, 24, 17),
+    (1, 3, 100, 64),
+    (2, 37, 33, 5),  # 74 tokens: chunks of 32 with a partial last one
+]
+
+
+def _prompt_add_inputs(B, N, C, r, deep, seed=0):
+    t = test_prompt_add._inputs(B, N, C, r, deep=deep, seed=seed)
+    return t, torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+
+
+def _prompt_add_run(t, grad_out, dtype, backend, dropout_p, seed):
+    x = {k: None if v is None else v.detach().to(dtype).requires_grad_(True) for k, v in t.items()}
+    out = sk.prompt_add(x["target"], x["message"], 0.7, x["norm_weight"], x["norm_bias"], x["down_weight"],
+                        x["down_bias"], x["up_weight"], x["up_bias"], deep=x["deep"], deep_scale=x["deep_scale"],
+                        dropout_p=dropout_p, seed=seed, backend=backend)
+    names = [k for k, v in x.items() if v is not None]
+    grads = torch.autograd.grad(out, [x[k] for k in names], grad_out.to(dtype))
+    return {"out": out, **dict(zip(names, grads))}
+
+
+@pytest.mark.parametrize("shape", PROMPT_ADD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("deep,dropout_p", [(False, 0.0), (True, 0.3)])
+def test_prompt_add_float32_matches_float64_reference(isa, shape, deep, dropout_p):
+    t, grad_out = _prompt_add_inputs(*shape, deep)
+    want = _prompt_add_run(t, grad_out, torch.float64, "reference", dropout_p, 77)
+    got = _prompt_add_run(t, grad_out, torch.float32, "cpu", dropout_p, 77)
+    for name, w in want.items():
+        g = got[name].double()
+        err = ((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+        # float32 rounding is ~1e-7 relative; a wrong mask, tail or fold would be O(1).
+        assert err < 2e-5, f"{isa}: {name} relative error {err:.2e}"
+
+
+def test_prompt_add_isas_agree_and_backward_is_deterministic(monkeypatch):
+    supported = [i for i in _ext.CPU_ISAS if ORDER[i] <= ORDER[_supported()]]
+    t, grad_out = _prompt_add_inputs(3, 23, 72, 16, True, seed=4)
+    results = {}
+    for name in supported:
+        monkeypatch.setenv("SA2VP_CPU_ISA", name)
+        first = _prompt_add_run(t, grad_out, torch.float32, "cpu", 0.25, 5)
+        again = _prompt_add_run(t, grad_out, torch.float32, "cpu", 0.25, 5)
+        for k in first:
+            assert torch.equal(first[k], again[k]), f"{name}: {k} differs between two identical calls"
+        results[name] = first
+    base = results["generic"]
+    for name, res in results.items():
+        for k, v in res.items():
+            torch.testing.assert_close(v, base[k], rtol=2e-5, atol=2e-5 * base[k].abs().max().item())
