@@ -5,6 +5,7 @@ import torch
 
 import sa2vp_kernels as sk
 import test_prompt_add
+import test_prompt_map
 from sa2vp_kernels import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="no compiled CPU kernels")
@@ -96,3 +97,31 @@ def test_prompt_add_isas_agree_and_backward_is_deterministic(monkeypatch):
     for name, res in results.items():
         for k, v in res.items():
             torch.testing.assert_close(v, base[k], rtol=2e-5, atol=2e-5 * base[k].abs().max().item())
+
+
+# ---- prompt_map ------------------------------------------------------------------------------------
+
+PROMPT_MAP_CASES = [
+    # (grid, embed_grid, num_prefix, C, r, bias, pos): equal, finer and coarser prompt grids, C and r
+    # off multiples of 16, optional bias and pos_embed.
+    ((14, 14), (14, 14), 1, 768, 16, True, True),
+    ((5, 7), (3, 4), 1, 40, 3, True, False),
+    ((4, 3), (7, 5), 2, 17, 8, False, True),
+    ((9, 6), (9, 6), 0, 33, 20, False, False),
+]
+
+
+@pytest.mark.parametrize("case", PROMPT_MAP_CASES, ids=test_prompt_map._ids)
+def test_prompt_map_float32_matches_float64_reference(isa, case):
+    grid, egrid, T, C, r, bias, pos = case
+    args64 = test_prompt_map._inputs(grid, egrid, T, C, r, bias, pos, requires_grad=True, seed=3)
+    args32 = [None if a is None else a.detach().float().requires_grad_(True) for a in args64]
+    want = test_prompt_map._call(args64, case, "reference")
+    got = test_prompt_map._call(args32, case, "cpu")
+    grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    leaves = [i for i, a in enumerate(args64) if a is not None]
+    gw = torch.autograd.grad(want, [args64[i] for i in leaves], grad_out)
+    gg = torch.autograd.grad(got, [args32[i] for i in leaves], grad_out.float())
+    for name, w, g in [("out", want, got)] + [(f"grad {i}", w, g) for i, w, g in zip(leaves, gw, gg)]:
+        err = ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+        assert err < 2e-5, f"{isa}: {name} relative error {err:.2e}"

@@ -11,12 +11,16 @@
 //   d_weight = grad^T @ res        (C, r)  tiles of kTok channels x kLanes columns (res recomputed)
 //   d_bias   = column sums of grad
 //   d_embed  = adjoint resampling of d_res, gathered per source row over the outputs it reaches.
+// float32 on a processor with AVX-512 runs the same steps with the products of cpu/simd512.h
+// (SA2VP_CPU_ISA caps the choice: cpu/isa.h); the sums keep a fixed order there too.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/isa.h"
+#include "cpu/simd512.h"
 #include "prompt_map.h"
 
 namespace sa2vp {
@@ -49,6 +53,46 @@ template <typename scalar_t>
 inline void resampled_row(const scalar_t* embed, const Shape& s, int64_t n, scalar_t* row) {
   const RowTaps<scalar_t> t = row_taps<scalar_t>(n, s);
   for (int64_t k = 0; k < s.r; ++k) row[k] = blend(t, embed, s.r, k);
+}
+
+// d_embed from d_res (N, r): each source row gathers the outputs its taps reach.
+template <typename scalar_t>
+void adjoint_resample(const scalar_t* d_res, scalar_t* d_embed, const Shape& s) {
+  at::parallel_for(0, s.T + s.eh * s.ew, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      scalar_t* de = d_embed + j * s.r;
+      if (j < s.T) {
+        for (int64_t k = 0; k < s.r; ++k) de[k] = d_res[j * s.r + k];
+        continue;
+      }
+      for (int64_t k = 0; k < s.r; ++k) de[k] = scalar_t(0);
+      const int64_t sy = (j - s.T) / s.ew, sx = (j - s.T) % s.ew;
+      int64_t y_lo, y_hi, x_lo, x_hi;
+      adjoint_range(sy, s.eh, s.gh, &y_lo, &y_hi);
+      adjoint_range(sx, s.ew, s.gw, &x_lo, &x_hi);
+      for (int64_t y = y_lo; y <= y_hi; ++y) {
+        const scalar_t wy = tap_weight<scalar_t>(y, sy, s.eh, s.gh);
+        if (wy == scalar_t(0)) continue;
+        for (int64_t x = x_lo; x <= x_hi; ++x) {
+          const scalar_t wx = tap_weight<scalar_t>(x, sx, s.ew, s.gw);
+          if (wx == scalar_t(0)) continue;
+          const scalar_t w = wy * wx;
+          const scalar_t* d = d_res + (s.T + y * s.gw + x) * s.r;
+          for (int64_t k = 0; k < s.r; ++k) de[k] += w * d[k];
+        }
+      }
+    }
+  });
+}
+
+// resample(embed): (N, r).
+template <typename scalar_t>
+std::vector<scalar_t> resampled(const scalar_t* embed, const Shape& s) {
+  std::vector<scalar_t> res(s.N * s.r);
+  at::parallel_for(0, s.N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) resampled_row(embed, s, n, res.data() + n * s.r);
+  });
+  return res;
 }
 
 template <typename scalar_t>
@@ -129,33 +173,72 @@ void backward_kernel(const scalar_t* grad, const scalar_t* embed, const scalar_t
       }
     }
   });
-  // d_embed: each source row gathers the outputs its taps reach.
-  at::parallel_for(0, s.T + s.eh * s.ew, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      scalar_t* de = d_embed + j * s.r;
-      if (j < s.T) {
-        for (int64_t k = 0; k < s.r; ++k) de[k] = d_res[j * s.r + k];
-        continue;
-      }
-      for (int64_t k = 0; k < s.r; ++k) de[k] = scalar_t(0);
-      const int64_t sy = (j - s.T) / s.ew, sx = (j - s.T) % s.ew;
-      int64_t y_lo, y_hi, x_lo, x_hi;
-      adjoint_range(sy, s.eh, s.gh, &y_lo, &y_hi);
-      adjoint_range(sx, s.ew, s.gw, &x_lo, &x_hi);
-      for (int64_t y = y_lo; y <= y_hi; ++y) {
-        const scalar_t wy = tap_weight<scalar_t>(y, sy, s.eh, s.gh);
-        if (wy == scalar_t(0)) continue;
-        for (int64_t x = x_lo; x <= x_hi; ++x) {
-          const scalar_t wx = tap_weight<scalar_t>(x, sx, s.ew, s.gw);
-          if (wx == scalar_t(0)) continue;
-          const scalar_t w = wy * wx;
-          const scalar_t* d = d_res.data() + (s.T + y * s.gw + x) * s.r;
-          for (int64_t k = 0; k < s.r; ++k) de[k] += w * d[k];
-        }
-      }
-    }
+  adjoint_resample(d_res.data(), d_embed, s);
+}
+
+#ifdef SA2VP_HAVE_SIMD512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+namespace s5 = simd512;
+
+// out row n0 + i = value [+ pos_embed row].
+struct MapEpilogue {
+  const float* pos;  // row n0 of pos_embed, or null
+  float* out;        // row n0 of out
+  int64_t C;
+  void operator()(int64_t i, int64_t c, __mmask16 m, s5::V v) const {
+    if (pos != nullptr) v = _mm512_add_ps(v, s5::load(pos + i * C + c, m));
+    s5::store(out + i * C + c, m, v);
+  }
+};
+
+// weight (C, r) transposed to (r, C).
+std::vector<float> transposed(const float* weight, const Shape& s) {
+  std::vector<float> wt(s.r * s.C);
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t k = 0; k < s.r; ++k) wt[k * s.C + c] = weight[c * s.r + k];
+  return wt;
+}
+
+void forward_512(const float* embed, const float* weight, const float* bias, const float* pos, float* out,
+                 const Shape& s) {
+  const std::vector<float> res = resampled(embed, s), wt = transposed(weight, s);
+  at::parallel_for(0, (s.N + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * 4, n1 = std::min(end * 4, s.N);
+    const MapEpilogue epi{pos != nullptr ? pos + n0 * s.C : nullptr, out + n0 * s.C, s.C};
+    s5::expand_rows(res.data() + n0 * s.r, s.r, n1 - n0, s.r, wt.data(), s.C, bias, epi);
   });
 }
+
+void backward_512(const float* grad, const float* embed, const float* weight, float* d_embed, float* d_weight,
+                  float* d_bias, const Shape& s) {
+  const std::vector<float> res = resampled(embed, s), wt = transposed(weight, s);
+  // d_res = grad @ weight (N, r).
+  std::vector<float> d_res(s.N * s.r);
+  at::parallel_for(0, (s.N + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * 4, n1 = std::min(end * 4, s.N);
+    std::vector<const float*> rows(n1 - n0);
+    for (int64_t n = n0; n < n1; ++n) rows[n - n0] = grad + n * s.C;
+    s5::rowdot_rows<false>(rows.data(), nullptr, n1 - n0, wt.data(), s.r, s.C, d_res.data() + n0 * s.r, s.r);
+  });
+  // d_weight^T = res^T @ grad (r, C), summed over the tokens in order; d_bias = column sums of grad.
+  std::vector<float> dwt(s.r * s.C, 0.f);
+  s5::outer_rows(res.data(), s.r, s.N, s.r, dwt.data(), s.C, s5::PlainRows{grad, s.C});
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t k = 0; k < s.r; ++k) d_weight[c * s.r + k] = dwt[k * s.C + c];
+  std::fill(d_bias, d_bias + s.C, 0.f);
+  for (int64_t n = 0; n < s.N; ++n) {
+    const float* g = grad + n * s.C;
+    for (int64_t c = 0; c < s.C; c += 16) {
+      const __mmask16 m = s5::col_mask(c, s.C);
+      s5::store(d_bias + c, m, _mm512_add_ps(s5::load(d_bias + c, m), s5::load(g + c, m)));
+    }
+  }
+  adjoint_resample(d_res.data(), d_embed, s);
+}
+
+#pragma GCC pop_options
+#endif
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -174,6 +257,13 @@ at::Tensor prompt_map_fwd_cpu(const at::Tensor& embed, const at::Tensor& weight,
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor p = pos_embed.has_value() ? pos_embed->contiguous() : at::Tensor();
   at::Tensor out = at::empty({1, s.N, s.C}, embed.options());
+#ifdef SA2VP_HAVE_SIMD512
+  if (embed.scalar_type() == at::kFloat && cpu_isa() == CpuIsa::kAvx512) {
+    forward_512(e.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                p.defined() ? p.data_ptr<float>() : nullptr, out.data_ptr<float>(), s);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(embed.scalar_type(), "prompt_map_fwd_cpu", [&] {
     forward_kernel<scalar_t>(e.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr,
@@ -193,6 +283,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_map_bwd_cpu(const at::Tens
   const at::Tensor g = grad_out.contiguous(), e = embed.contiguous(), w = weight.contiguous();
   at::Tensor d_embed = at::empty_like(e), d_weight = at::empty_like(w);
   at::Tensor d_bias = at::empty({s.C}, weight.options());
+#ifdef SA2VP_HAVE_SIMD512
+  if (embed.scalar_type() == at::kFloat && cpu_isa() == CpuIsa::kAvx512) {
+    backward_512(g.data_ptr<float>(), e.data_ptr<float>(), w.data_ptr<float>(), d_embed.data_ptr<float>(),
+                 d_weight.data_ptr<float>(), d_bias.data_ptr<float>(), s);
+    return {d_embed, d_weight, d_bias};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(embed.scalar_type(), "prompt_map_bwd_cpu", [&] {
     backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                               d_embed.data_ptr<scalar_t>(), d_weight.data_ptr<scalar_t>(),
