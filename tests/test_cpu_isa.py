@@ -125,3 +125,25 @@ def test_prompt_map_float32_matches_float64_reference(isa, case):
     for name, w, g in [("out", want, got)] + [(f"grad {i}", w, g) for i, w, g in zip(leaves, gw, gg)]:
         err = ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
         assert err < 2e-5, f"{isa}: {name} relative error {err:.2e}"
+
+
+# ---- local_cross_attention (portable and AVX2 + FMA versions) ----------------------------------------
+
+
+@pytest.mark.parametrize("border", ["clip", "zero"])
+@pytest.mark.parametrize("heads,head_dim,grid,window,num_prefix", [(3, 40, (5, 4), 3, 1), (1, 24, (3, 7), 5, 2)])
+def test_local_attention_float32_matches_float64_reference(isa, border, heads, head_dim, grid, window, num_prefix):
+    N = num_prefix + grid[0] * grid[1]
+    g = torch.Generator().manual_seed(21)
+    q64, k64, v64 = (torch.randn(2, heads, N, head_dim, generator=g, dtype=torch.float64).requires_grad_(True)
+                     for _ in range(3))
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q64, k64, v64))
+    kw = dict(window=window, num_prefix=num_prefix, border=border)
+    want = sk.local_cross_attention(q64, k64, v64, grid, backend="reference", **kw)
+    got = sk.local_cross_attention(q32, k32, v32, grid, backend="cpu", **kw)
+    grad_out = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    gw = torch.autograd.grad(want, (q64, k64, v64), grad_out)
+    gg = torch.autograd.grad(got, (q32, k32, v32), grad_out.float())
+    for name, w, x in [("out", want, got), ("dq", gw[0], gg[0]), ("dk", gw[1], gg[1]), ("dv", gw[2], gg[2])]:
+        err = ((x.double() - w).abs().max() / w.abs().max()).item()
+        assert err < 2e-5, f"{isa}: {name} relative error {err:.2e}"

@@ -17,7 +17,8 @@
 // and do not depend on the number of threads.
 //
 // The loops are written once over a small SIMD wrapper (GCC/Clang vector extensions) and compiled
-// for the baseline ISA and, on x86-64, also for AVX2 + FMA, chosen at run time.
+// for the baseline ISA and, on x86-64, also for AVX2 + FMA, chosen at run time (cpu/isa.h;
+// SA2VP_CPU_ISA=generic forces the baseline version).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/isa.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define SA2VP_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -391,22 +393,11 @@ SA2VP_AVX2_VARIANT(bwd_key_tasks, BwdArgs)
 #undef SA2VP_AVX2_VARIANT
 #endif
 
-bool cpu_has_avx2_fma() {
-#if defined(SA2VP_X86_AVX2)
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Runs fn over all tasks of the geometry with at::parallel_for.
 template <class Args>
 void run_tasks(const Args& a, TaskFn<Args> baseline, TaskFn<Args> avx2) {
-  const TaskFn<Args> fn = (avx2 != nullptr && cpu_has_avx2_fma()) ? avx2 : baseline;
+  const bool use_avx2 = avx2 != nullptr && static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2);
+  const TaskFn<Args> fn = use_avx2 ? avx2 : baseline;
   at::parallel_for(0, a.g.tasks(), grain(a.g), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
