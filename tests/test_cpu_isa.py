@@ -147,3 +147,25 @@ def test_local_attention_float32_matches_float64_reference(isa, border, heads, h
     for name, w, x in [("out", want, got), ("dq", gw[0], gg[0]), ("dk", gw[1], gg[1]), ("dv", gw[2], gg[2])]:
         err = ((x.double() - w).abs().max() / w.abs().max()).item()
         assert err < 2e-5, f"{isa}: {name} relative error {err:.2e}"
+
+
+def test_results_do_not_depend_on_the_thread_count(isa):
+    t, grad_out = _prompt_add_inputs(3, 41, 56, 8, True, seed=8)
+    case = ((6, 5), (4, 3), 1, 40, 8, True, True)
+    pm_args = test_prompt_map._inputs(*case[:5], True, True, dtype=torch.float32, requires_grad=True, seed=2)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            res = _prompt_add_run(t, grad_out, torch.float32, "cpu", 0.2, 9)
+            out = test_prompt_map._call(pm_args, case, "cpu")
+            res["prompt_map"] = out
+            res["prompt_map_grads"] = torch.cat([g.flatten() for g in torch.autograd.grad(
+                out, [a for a in pm_args if a is not None], torch.ones_like(out))])
+            results.append(res)
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for k, v in results[0].items():
+            assert torch.equal(v, other[k]), f"{isa}: {k} depends on the number of threads"
