@@ -26,6 +26,7 @@ SECTIONS = {
     "scaling": "Local cross attention: sequence length",
     "prompt_add": "prompt_add (LayerNorm, adapter, dropout, scaled add)",
     "prompt_map": "prompt_map (resample, up-projection, positional embedding)",
+    "host": "Host time per call (tiny inputs: entry point, checks, autograd, dispatch)",
 }
 
 

@@ -11,8 +11,9 @@ when the grids match) and passes the prefix rows through.
 
 The compiled ops ``torch.ops.sa2vp_kernels.prompt_map_fwd/bwd`` (``csrc/cpu/prompt_map.cpp``,
 ``csrc/cuda/prompt_map.cu``) and the Triton ops ``prompt_map_fwd_triton/bwd_triton``
-(:mod:`sa2vp_kernels.triton.prompt_map`) share one schema; their autograd formulas and fake
-implementations are registered here.  The backward is deterministic (no float atomics).
+(:mod:`sa2vp_kernels.triton.prompt_map`) share one schema.  The fake implementations of both and the
+autograd of the Triton ops are registered here; the compiled ops have the same autograd formula in
+C++ (``csrc/autograd.cpp``, less host time per call).  The backward is deterministic (no float atomics).
 """
 from __future__ import annotations
 
@@ -57,11 +58,6 @@ def _compiled_ops_available() -> bool:
 if _compiled_ops_available():
     torch.library.register_fake("sa2vp_kernels::prompt_map_fwd")(_fake_fwd)
     torch.library.register_fake("sa2vp_kernels::prompt_map_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "sa2vp_kernels::prompt_map_fwd",
-        _make_backward(torch.ops.sa2vp_kernels.prompt_map_bwd),
-        setup_context=_setup_context,
-    )
 
 _triton_ops = None
 if triton_available():
