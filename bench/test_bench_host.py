@@ -20,7 +20,7 @@ def test_host_prompt_add(benchmark, record, bench_run, workload_or_skip, provide
     case = common.PromptAddCase(1, 5, 16, 2, scale=0.1, dropout_p=0.1, dtype=DTYPE)
     work = workload_or_skip(lambda: common.prompt_add_workload(provider, case, DEVICE))
     benchmark.group = f"host prompt_add {case.label} {pass_}"
-    bench_run(benchmark, work, pass_, DEVICE, budget_s=0.3)
+    bench_run(benchmark, work, pass_, DEVICE, budget_s=1.0)
     record("host", case, provider, pass_, benchmark, work.note)
 
 
@@ -30,5 +30,5 @@ def test_host_local_attention(benchmark, record, bench_run, workload_or_skip, pr
     case = common.AttnCase(1, 1, 8, grid=(2, 2), dtype=DTYPE)
     work = workload_or_skip(lambda: common.attention_workload(provider, case, DEVICE))
     benchmark.group = f"host attention {case.label} {pass_}"
-    bench_run(benchmark, work, pass_, DEVICE, budget_s=0.3)
+    bench_run(benchmark, work, pass_, DEVICE, budget_s=1.0)
     record("host", case, provider, pass_, benchmark, work.note)
