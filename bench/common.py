@@ -488,6 +488,17 @@ def prompt_add_workload(provider: str, case: PromptAddCase, device, *, n_sets: i
         weights = tuple(module.parameters())
         note = "nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds" + (", torch.compile'd" if provider == "unfused_compiled" else "")
         return Workload(forward, sets, [s + weights for s in sets], note)
+    if provider == "gemms":
+        # Only the two low-rank matmuls of the forward (and, through autograd, the four of the backward):
+        # no LayerNorm, GELU, dropout or adds. Any implementation that keeps float32 products does at
+        # least this work, so its time bounds every provider's from below.
+        down_w, up_w = params[2], params[4]
+
+        def forward(target, message):
+            return torch.matmul(torch.matmul(message, down_w.t()), up_w.t())
+
+        return Workload(forward, sets, [(s[1], down_w, up_w) for s in sets],
+                        "the six low-rank matmuls alone (a lower bound)")
     raise ValueError(f"unknown prompt_add provider {provider!r}")
 
 

@@ -2,6 +2,7 @@
 against the unfused nn composition it replaces and sa2vp_kernels' reference backend.
 
 CPU: B=8, N=197, C=768, r=16, float32 (the issue's target: cpu >= 3x the unfused composition).
+``gemms`` times the six low-rank matmuls alone (forward and backward), a floor for any float32 version.
 GPU: B=64, bfloat16, plus the unfused composition under torch.compile.
 """
 import pytest
@@ -12,7 +13,8 @@ import common
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 BATCH, DTYPE = (64, torch.bfloat16) if ON_GPU else (8, torch.float32)
-PROVIDERS = common.kernel_backends(DEVICE) + ("reference", "unfused") + (("unfused_compiled",) if ON_GPU else ())
+PROVIDERS = (common.kernel_backends(DEVICE) + ("reference", "unfused") + (("unfused_compiled",) if ON_GPU else ())
+             + ("gemms",))
 
 
 @pytest.mark.parametrize("pass_", common.PASSES)
