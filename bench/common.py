@@ -111,6 +111,11 @@ def kernel_backends(device: torch.device) -> tuple[str, ...]:
     return ("triton", "cuda") if torch.device(device).type == "cuda" else ("cpu",)
 
 
+def isa_variants(device: torch.device) -> tuple[str, ...]:
+    """The ``cpu`` backend capped to lower instruction sets (bench/conftest.py's ``isa_backend``)."""
+    return () if torch.device(device).type == "cuda" else ("cpu-avx2", "cpu-generic")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Workloads: rotating input sets, the call, what to differentiate, bytes moved
 # ---------------------------------------------------------------------------------------------------

@@ -100,6 +100,26 @@ def workload_or_skip():
     return skip_unavailable
 
 
+@pytest.fixture
+def isa_backend(monkeypatch):
+    """``isa_backend(provider)``: the backend to call for ``provider``. ``"cpu-avx2"`` and ``"cpu-generic"``
+    are the ``cpu`` backend capped to that instruction set (SA2VP_CPU_ISA, for this test only); the
+    test is skipped where the processor lacks it. Other providers pass through."""
+    from sa2vp_kernels import _ext
+
+    def _backend(provider: str) -> str:
+        if not provider.startswith("cpu-"):
+            return provider
+        isa = provider.split("-", 1)[1]
+        supported = _ext.cpu_isa()[1]
+        if _ext.CPU_ISAS.index(isa) > _ext.CPU_ISAS.index(supported):
+            pytest.skip(f"this processor has no {isa}")
+        monkeypatch.setenv("SA2VP_CPU_ISA", isa)
+        return "cpu"
+
+    return _backend
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not session.config.getoption("--sa2vp-save") or not _RECORDS:
         return

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDER_ORDER = ("auto", "cuda", "triton", "cpu", "reference", "unfused", "unfused_compiled", "sdpa_masked",
-                  "flex", "natten")
+PROVIDER_ORDER = ("auto", "cuda", "triton", "cpu", "cpu-avx2", "cpu-generic", "reference", "unfused",
+                  "unfused_compiled", "sdpa_masked", "flex", "natten", "gemms")
 PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "train", "infer")
 MIN_BW_BYTES = 16 << 20  # smaller working sets sit in cache: a fraction of memory bandwidth means little
 SECTIONS = {

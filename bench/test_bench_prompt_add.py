@@ -14,15 +14,16 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 BATCH, DTYPE = (64, torch.bfloat16) if ON_GPU else (8, torch.float32)
 PROVIDERS = (common.kernel_backends(DEVICE) + ("reference", "unfused") + (("unfused_compiled",) if ON_GPU else ())
-             + ("gemms",))
+             + ("gemms",) + common.isa_variants(DEVICE))
 
 
 @pytest.mark.parametrize("pass_", common.PASSES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_prompt_add(benchmark, record, bench_run, workload_or_skip, provider, dropout_p, pass_):
+def test_prompt_add(benchmark, record, bench_run, workload_or_skip, isa_backend, provider, dropout_p, pass_):
     case = common.PromptAddCase(BATCH, 197, 768, 16, scale=0.1, dropout_p=dropout_p, dtype=DTYPE)
-    work = workload_or_skip(lambda: common.prompt_add_workload(provider, case, DEVICE))
+    backend = isa_backend(provider)
+    work = workload_or_skip(lambda: common.prompt_add_workload(backend, case, DEVICE))
     benchmark.group = f"prompt_add {case.label} {pass_}"
     bench_run(benchmark, work, pass_, DEVICE)
     record("prompt_add", case, provider, pass_, benchmark, work.note)
