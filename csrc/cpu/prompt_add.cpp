@@ -589,7 +589,7 @@ inline void hidden512(const Dropout& drop, int64_t m, const float* z, int64_t r,
 struct FwdEpilogue {
   const float* const* target;
   float* out;  // row m0 of the output
-  const float* deep;  // row of token m0 % N of deep, or null
+  const float* deep;  // (N, C), or null
   const float* deep_scale;
   const uint32_t* row_state;
   int64_t C, N, n0;
