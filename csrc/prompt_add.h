@@ -51,6 +51,21 @@ inline uint32_t drop_threshold(double p) {
 }
 
 }  // namespace prompt_add_hash
+
+// The dropout of one prompt_add call: whether it is on, the integer threshold, the keys of the hidden
+// and output streams, and the 1 / (1 - p) that scales what is kept.
+struct DropoutParams {
+  bool active;
+  uint32_t threshold, key_hidden, key_out;
+  double inv_keep;
+  DropoutParams(double p, int64_t seed)
+      : active(p > 0.0),
+        threshold(prompt_add_hash::drop_threshold(p)),
+        key_hidden(prompt_add_hash::stream_key(seed, prompt_add_hash::kHiddenStream)),
+        key_out(prompt_add_hash::stream_key(seed, prompt_add_hash::kOutputStream)),
+        inv_keep(p > 0.0 ? 1.0 / (1.0 - p) : 1.0) {}
+};
+
 }  // namespace sa2vp
 
 #ifndef __CUDACC_RTC__

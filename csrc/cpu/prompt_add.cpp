@@ -367,16 +367,8 @@ struct Rows {
   const T* operator()(int64_t m) const { return data + (m / N) * stride_b + (m % N) * stride_n; }
 };
 
-struct Dropout {
-  bool active;
-  uint32_t threshold, key_hidden, key_out;
-  double inv_keep;
-  Dropout(double p, int64_t seed)
-      : active(p > 0.0),
-        threshold(hash::drop_threshold(p)),
-        key_hidden(hash::stream_key(seed, hash::kHiddenStream)),
-        key_out(hash::stream_key(seed, hash::kOutputStream)),
-        inv_keep(p > 0.0 ? 1.0 / (1.0 - p) : 1.0) {}
+struct Dropout : DropoutParams {
+  using DropoutParams::DropoutParams;
 
   // h = drop(gelu(z)) for the hidden values of token m, and (when dh is not null) dh = drop'(gelu'(z)).
   template <typename T>

@@ -566,17 +566,7 @@ void set_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-struct Dropout {
-  bool active;
-  uint32_t threshold, key_h, key_o;
-  double inv_keep;
-  Dropout(double p, int64_t seed)
-      : active(p > 0.0),
-        threshold(hash::drop_threshold(p)),
-        key_h(hash::stream_key(seed, hash::kHiddenStream)),
-        key_o(hash::stream_key(seed, hash::kOutputStream)),
-        inv_keep(p > 0.0 ? 1.0 / (1.0 - p) : 1.0) {}
-};
+using Dropout = DropoutParams;
 
 template <typename T, int V>
 void launch_fwd(const FwdParams<T>& p, cudaStream_t stream) {
@@ -667,8 +657,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cuda(
     p.eps = static_cast<A>(eps);
     p.inv_keep = static_cast<A>(drop.inv_keep);
     p.threshold = drop.threshold;
-    p.key_h = drop.key_h;
-    p.key_o = drop.key_o;
+    p.key_h = drop.key_hidden;
+    p.key_o = drop.key_out;
     p.dropout = drop.active;
     constexpr int V = 16 / sizeof(scalar_t);
     bool vec = C % V == 0 && p.msg_sb % V == 0 && p.msg_sn % V == 0 && p.tgt_sb % V == 0 && p.tgt_sn % V == 0;
@@ -743,8 +733,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.scale = static_cast<A>(scale);
     p.inv_keep = static_cast<A>(drop.inv_keep);
     p.threshold = drop.threshold;
-    p.key_h = drop.key_h;
-    p.key_o = drop.key_o;
+    p.key_h = drop.key_hidden;
+    p.key_o = drop.key_out;
     p.dropout = drop.active;
     constexpr int V = 16 / sizeof(scalar_t);
     bool vec = C % V == 0 && p.grad_sb % V == 0 && p.grad_sn % V == 0 && p.msg_sb % V == 0 && p.msg_sn % V == 0;
