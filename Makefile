@@ -29,6 +29,8 @@ demo-kernels: install
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds --sa2vp-save
+	$(PY) bench/cpu_targets.py
+	$(PY) bench/report.py $$(ls -t bench/results/cpu-2*.json | head -n 1) $$(ls -t bench/results/cpu-targets-*.json | head -n 1)
 
 gpu-check:
 	bash bench/gpu_check.sh
