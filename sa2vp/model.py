@@ -170,6 +170,24 @@ class TrainableStateMixin:
         return sum(p.numel() for n, p in self.trainable_parameters() if include_head or not n.startswith("head."))
 
 
+def resolve_backbone(backbone, backbone_type: type, build, img_size, backbone_kwargs) -> tuple[nn.Module, str]:
+    """``(module, timm name)`` of a backbone given as a timm model name (built with ``build(name, kwargs)``,
+    no classifier) or as a ``backbone_type`` module; ``img_size`` resizes either."""
+    if isinstance(backbone, str):
+        kwargs = dict(backbone_kwargs or {})
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        kwargs.setdefault("num_classes", 0)
+        return build(backbone, kwargs), backbone
+    if backbone_kwargs:
+        raise ValueError("backbone_kwargs only applies when backbone is a timm model name")
+    if not isinstance(backbone, backbone_type):
+        raise TypeError(f"backbone must be a timm {backbone_type.__name__} or its name, got {type(backbone).__name__}")
+    if img_size is not None:
+        backbone.set_input_size(img_size=img_size)
+    return backbone, backbone_name(backbone)
+
+
 class SA2VP(TrainableStateMixin, nn.Module):
     """SA2VP (spatially aligned-and-adapted visual prompt) over a frozen timm ViT.
 
@@ -191,21 +209,7 @@ class SA2VP(TrainableStateMixin, nn.Module):
         config = _resolve_config(config, variant)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(backbone, str):
-            name = backbone
-            kwargs = dict(backbone_kwargs or {})
-            if img_size is not None:
-                kwargs["img_size"] = img_size
-            kwargs.setdefault("num_classes", 0)
-            backbone = build_backbone(name, kwargs)
-        else:
-            if backbone_kwargs:
-                raise ValueError("backbone_kwargs only applies when backbone is a timm model name")
-            if not isinstance(backbone, VisionTransformer):
-                raise TypeError(f"backbone must be a timm VisionTransformer or its name, got {type(backbone).__name__}")
-            name = backbone_name(backbone)
-            if img_size is not None:
-                backbone.set_input_size(img_size=img_size)
+        backbone, name = resolve_backbone(backbone, VisionTransformer, build_backbone, img_size, backbone_kwargs)
         if pretrained_path is not None:
             load_backbone_weights(backbone, pretrained_path)
         _check_backbone(backbone)

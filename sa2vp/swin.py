@@ -52,8 +52,8 @@ from timm.models.swin_transformer import (
 )
 
 from .config import _check_float, _check_window, _ConfigMixin
-from .model import Adapter, PromptMap, SA2VPOutput, TrainableStateMixin, _is_stochastic
-from .weights import _TORCH_SUFFIXES, _read_state_dict, _short, backbone_name
+from .model import Adapter, PromptMap, SA2VPOutput, TrainableStateMixin, _is_stochastic, resolve_backbone
+from .weights import _TORCH_SUFFIXES, _read_state_dict, _short
 
 __all__ = [
     "SA2VPSwin",
@@ -259,21 +259,7 @@ class SA2VPSwin(TrainableStateMixin, nn.Module):
             raise TypeError(f"config must be an SA2VPSwinConfig or None, got {type(config).__name__}")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(backbone, str):
-            name = backbone
-            kwargs = dict(backbone_kwargs or {})
-            if img_size is not None:
-                kwargs["img_size"] = img_size
-            kwargs.setdefault("num_classes", 0)
-            backbone = build_swin_backbone(name, kwargs)
-        else:
-            if backbone_kwargs:
-                raise ValueError("backbone_kwargs only applies when backbone is a timm model name")
-            if not isinstance(backbone, SwinTransformer):
-                raise TypeError(f"backbone must be a timm SwinTransformer or its name, got {type(backbone).__name__}")
-            name = backbone_name(backbone)
-            if img_size is not None:
-                backbone.set_input_size(img_size=img_size)
+        backbone, name = resolve_backbone(backbone, SwinTransformer, build_swin_backbone, img_size, backbone_kwargs)
         if pretrained_path is not None:
             load_swin_weights(backbone, pretrained_path)
         _check_backbone(backbone, config.stages)
