@@ -98,9 +98,16 @@ inline __m512i fmix32(__m512i x) {
 
 // Lanes of columns c .. c + 15 of a row (row_state) that survive dropout with this threshold.
 inline __mmask16 keep_mask(uint32_t row_state, int64_t c, uint32_t threshold) {
-  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
-                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i mixed = _mm512_mullo_epi32(col, _mm512_set1_epi32(static_cast<int>(prompt_add_hash::kGolden)));
+  // (c + lane) * golden mod 2**32 = c * golden + lane * golden: one add instead of a vector multiply.
+  constexpr uint32_t g = prompt_add_hash::kGolden;
+  const __m512i lane_g = _mm512_setr_epi32(0, static_cast<int>(g), static_cast<int>(2 * g), static_cast<int>(3 * g),
+                                           static_cast<int>(4 * g), static_cast<int>(5 * g), static_cast<int>(6 * g),
+                                           static_cast<int>(7 * g), static_cast<int>(8 * g), static_cast<int>(9 * g),
+                                           static_cast<int>(10 * g), static_cast<int>(11 * g),
+                                           static_cast<int>(12 * g), static_cast<int>(13 * g),
+                                           static_cast<int>(14 * g), static_cast<int>(15 * g));
+  const __m512i mixed =
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c) * g)), lane_g);
   const __m512i u = _mm512_srli_epi32(fmix32(_mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(row_state)), mixed)), 1);
   return _mm512_cmp_epu32_mask(u, _mm512_set1_epi32(static_cast<int>(threshold)), _MM_CMPINT_NLT);
 }
