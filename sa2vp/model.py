@@ -142,7 +142,14 @@ def _is_stochastic(vit: nn.Module) -> bool:
 
 
 class TrainableStateMixin:
-    """Trainable-parameter access shared by the SA2VP models: everything outside ``backbone.`` trains."""
+    """Shared by the SA2VP models: the training loss, and trainable-parameter access (everything outside
+    ``backbone.`` trains)."""
+
+    def loss(self, outputs, target: torch.Tensor) -> torch.Tensor:
+        """``w_base * CE(logits) + w_prompt * CE(prompt_logits)`` (weights ``config.loss_weights``)."""
+        logits, prompt_logits = outputs
+        w_base, w_prompt = self.config.loss_weights
+        return w_base * F.cross_entropy(logits, target) + w_prompt * F.cross_entropy(prompt_logits, target)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of everything SA2VP trains (prompts, adapters, head); the backbone is frozen."""
@@ -389,12 +396,6 @@ class SA2VP(TrainableStateMixin, nn.Module):
         logits = self._classify(x)
         prompt_logits = self._classify(p).expand_as(logits)
         return SA2VPOutput(logits, prompt_logits)
-
-    def loss(self, outputs, target: torch.Tensor) -> torch.Tensor:
-        """``w_base * CE(logits) + w_prompt * CE(prompt_logits)`` (weights ``config.loss_weights``)."""
-        logits, prompt_logits = outputs
-        w_base, w_prompt = self.config.loss_weights
-        return w_base * F.cross_entropy(logits, target) + w_prompt * F.cross_entropy(prompt_logits, target)
 
     @torch.no_grad()
     def p2b_messages(self, images: torch.Tensor, layer: int) -> torch.Tensor:

@@ -444,12 +444,6 @@ class SA2VPSwin(TrainableStateMixin, nn.Module):
         prompt_logits = self._classify(p).expand_as(logits)
         return SA2VPOutput(logits, prompt_logits)
 
-    def loss(self, outputs, target: torch.Tensor) -> torch.Tensor:
-        """``w_base * CE(logits) + w_prompt * CE(prompt_logits)`` (weights ``config.loss_weights``)."""
-        logits, prompt_logits = outputs
-        w_base, w_prompt = self.config.loss_weights
-        return w_base * F.cross_entropy(logits, target) + w_prompt * F.cross_entropy(prompt_logits, target)
-
     @torch.no_grad()
     def p2b_messages(self, images: torch.Tensor, layer) -> torch.Tensor:
         """``(B, H, W)``: the norm of the message ``s * F`` that a P2B block adds to every image token.
