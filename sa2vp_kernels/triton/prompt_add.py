@@ -216,13 +216,27 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_blocks(C: int, r: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps) of the token-tile kernels."""
+def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps) of the token-tile kernels.
+
+    One warp per 2048 elements of the tile for 16-bit inputs, per 1024 for 32/64-bit ones: with
+    2048 a float32 tile of C = 768 needs more than 255 registers per thread on sm_80/sm_90 and
+    spills (``python -m sa2vp_kernels.triton.aot`` reports registers and spills per configuration).
+    """
     block_c = triton.next_power_of_2(C)
     block_r = max(16, triton.next_power_of_2(r))
     block_m = 16
-    num_warps = min(16, max(4, block_m * block_c // 2048))
+    per_warp = 2048 if dtype.itemsize < 4 else 1024
+    num_warps = min(16, max(4, block_m * block_c // per_warp))
     return block_m, block_c, block_r, num_warps
+
+
+def _cols_blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_M, num_warps) of the weight-gradient kernel. Its float32 dots are exact
+    (FMA, operands in registers), which spills at the 16-bit tile size: narrower tiles there."""
+    if dtype.itemsize < 4:
+        return min(64, max(16, triton.next_power_of_2(C))), 64, 4
+    return min(32, max(16, triton.next_power_of_2(C))), 16, 4
 
 
 def _dropout_args(dropout_p: float, seed: int):
@@ -250,7 +264,7 @@ def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weig
     mean = torch.empty((M,), dtype=stat, device=message.device)
     rstd = torch.empty((M,), dtype=stat, device=message.device)
     z = torch.empty((M, r), dtype=stat, device=message.device)
-    block_m, block_c, block_r, num_warps = _row_blocks(C, r)
+    block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
     inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
     has_deep = deep is not None
     wrap_triton(_fwd_kernel)[(triton.cdiv(M, block_m),)](
@@ -277,15 +291,14 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
 
     grad_message = torch.empty((B, N, C), dtype=message.dtype, device=dev)
     gz = torch.empty((M, r), dtype=stat, device=dev)
-    block_m, block_c, block_r, num_warps = _row_blocks(C, r)
+    block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
     wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
         grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
         key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
 
     # Weight gradients: channel tiles x token splits, partials added in split order.
-    cols_block = min(64, max(16, triton.next_power_of_2(C)))
-    rows_block = 64
+    cols_block, rows_block, cols_warps = _cols_blocks(C, message.dtype)
     splits = max(1, min(32, triton.cdiv(M, 4 * rows_block)))
     rows_per_split = triton.cdiv(triton.cdiv(M, rows_block), splits) * rows_block
     splits = triton.cdiv(M, rows_per_split)
@@ -295,7 +308,7 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     wrap_triton(_bwd_cols_kernel)[(triton.cdiv(C, cols_block), splits)](
         grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, M, N, C, r, rows_per_split,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
-        key_h, key_o, DROPOUT=dropout, BLOCK_M=rows_block, BLOCK_C=cols_block, BLOCK_R=block_r, num_warps=4)
+        key_h, key_o, DROPOUT=dropout, BLOCK_M=rows_block, BLOCK_C=cols_block, BLOCK_R=block_r, num_warps=cols_warps)
     grad_up_weight = part_w.sum(0)
     grad_up_bias = part_b.sum(0)
     a = part_a.sum(0)
