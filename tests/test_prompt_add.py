@@ -492,3 +492,136 @@ def test_gpu_backward_is_deterministic():
                 for _ in range(2)]
         for name in runs[0]:
             assert torch.equal(runs[0][name], runs[1][name]), (backend, name)
+
+
+# ---- edge cases for the first run of the CUDA kernels ---------------------------------------------
+#
+# Every case on the compiled CPU kernels (run everywhere: they prove the test itself) and on the CUDA
+# and Triton kernels (GPU only), forward and every gradient against the float64 reference, bounded by
+# plain PyTorch's own error in the same dtype (as test_gpu_against_float64).
+
+EDGE_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("triton", marks=pytest.mark.gpu)]
+EDGE_CPU_DTYPES = (torch.float32, torch.float64)  # the only dtypes of the CPU backend
+EDGE_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Slack on top of twice plain PyTorch's error (absolute on the output, relative to the largest
+# entry on gradients). Plain PyTorch in float64 *is* the exact answer, hence a fixed slack there.
+EDGE_TINY = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _laid_out(x, layout):
+    """A copy of the (B, N, C) tensor ``x`` as a view with last-dim stride 1 in the given layout.
+
+    The padding around the view is NaN: a kernel that reads outside the view poisons its result.
+    """
+    B, N, C = x.shape
+
+    def nans(*shape):
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+
+    if layout == "contiguous":
+        return x.detach().clone()
+    if layout == "offset":  # every stride a multiple of 8, but the data starts one element in
+        view = nans(B, N, C + 8)[..., 1:C + 1]
+        assert view.storage_offset() == 1 and view.stride() == (N * (C + 8), C + 8, 1)
+    elif layout == "rowstride":  # aligned start, token stride C + 3 (odd)
+        view = nans(B, N, C + 3)[..., :C]
+        assert view.storage_offset() == 0 and view.stride() == (N * (C + 3), C + 3, 1)
+    elif layout == "batchstride":  # aligned start, token stride C, batch stride N * C + 3 (odd)
+        view = nans(B, N * C + 3)[:, :N * C].view(B, N, C)
+        assert view.storage_offset() == 0 and view.stride() == (N * C + 3, C, 1)
+    else:
+        raise AssertionError(layout)
+    with torch.no_grad():
+        view.copy_(x)
+    return view
+
+
+# (id, (B, N, C, r), deep, dropout_p, layouts of (message, target, grad_out),
+#  dtypes (cpu, gpu) or None for EDGE_CPU_DTYPES / EDGE_GPU_DTYPES)
+_CONTIG = ("contiguous",) * 3
+PROMPT_ADD_EDGE_CASES = [
+    # odd storage offset, all strides multiples of 4/8: the CUDA kernels must take their V = 1 path
+    # (a 16-byte vector load there is misaligned). B * N = 21 rows, r = 64.
+    ("offset-r64-deep", (3, 7, 64, 64), True, 0.3, ("offset",) * 3, None),
+    # aligned data, token stride (message, grad_out) or batch stride (target) not a multiple of 4/8
+    ("stride-r8", (2, 5, 64, 8), False, 0.0, ("rowstride", "batchstride", "rowstride"), None),
+    # C = 4096: 4 * (C + r) * 4 bytes = 65 KiB of shared memory per warp in the forward (> 48 KiB, needs
+    # the opt-in attribute), twice that in the backward. float64 would need 264 KiB: not run.
+    ("C4096", (2, 3, 4096, 16), True, 0.3, _CONTIG,
+     ((torch.float32,), (torch.float32, torch.float16, torch.bfloat16))),
+    # float64 C = 1024: 34 KiB per warp forward (2 warps, 68 KiB a block), 66 KiB backward
+    ("C1024-fp64", (3, 7, 1024, 64), False, 0.3, _CONTIG, ((torch.float64,), (torch.float64,))),
+    # one row: a single warp with 3 of its 4 rows empty
+    ("M1-r1-deep", (1, 1, 40, 1), True, 0.3, _CONTIG, None),
+    ("M1-r64", (1, 1, 64, 64), False, 0.3, _CONTIG, None),
+    # 21 rows = 16 + 5: the second block has one full warp, one warp with a single row, two idle warps
+    ("M21-r1", (3, 7, 96, 1), False, 0.3, _CONTIG, None),
+]
+
+
+def _edge_case_errors(backend, device, dtype, shape, deep, dropout_p, layouts):
+    """Failures (as strings) of one case in one dtype; empty when all bounds hold."""
+    B, N, C, r = shape
+    scale, seed = 0.7, 2718
+    t = {k: None if v is None else v.to(dtype) for k, v in _inputs(*shape, deep=deep, device=device, seed=20).items()}
+    t["message"] = _laid_out(t["message"], layouts[0])
+    t["target"] = _laid_out(t["target"], layouts[1])
+    t = {k: None if v is None else v.requires_grad_(True) for k, v in t.items()}
+    t_ex = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in t.items()}
+    exact = _reference(t_ex, scale, dropout_p, seed=seed)
+    plain = _reference(t, scale, dropout_p, seed=seed)
+    out = _call(sk.prompt_add, t, scale, dropout_p=dropout_p, seed=seed, backend=backend)
+    g = torch.Generator().manual_seed(21)
+    go = _laid_out(torch.randn(B, N, C, generator=g, dtype=torch.float64).to(device=device, dtype=dtype), layouts[2])
+    g_ex = _grads(exact, t_ex, go.double())
+    g_plain = _grads(plain, t, go)
+    g_got = _grads(out, t, go)
+    tiny = EDGE_TINY[dtype]
+    errors = []
+    if out.dtype != dtype or out.shape != (B, N, C):
+        errors.append(f"{dtype}: out has dtype {out.dtype} and shape {tuple(out.shape)}")
+    err, err_plain = _err(out, exact), _err(plain, exact)
+    if not err <= 2 * err_plain + tiny:  # (NaN fails too)
+        errors.append(f"{dtype} out: error {err:.3g}, plain PyTorch {err_plain:.3g}")
+    for name in g_ex:
+        ref_scale = g_ex[name].abs().max().item()
+        err, err_plain = _err(g_got[name], g_ex[name]), _err(g_plain[name], g_ex[name])
+        if g_got[name].dtype != dtype or g_got[name].shape != t[name].shape:
+            errors.append(f"{dtype} grad {name}: dtype {g_got[name].dtype}, shape {tuple(g_got[name].shape)}")
+        elif not err <= 2 * err_plain + tiny * ref_scale:
+            errors.append(f"{dtype} grad {name}: error {err:.3g}, plain PyTorch {err_plain:.3g}, "
+                          f"largest entry {ref_scale:.3g}")
+    return errors
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("case", PROMPT_ADD_EDGE_CASES, ids=lambda c: c[0])
+def test_edge_cases_against_float64(backend, case):
+    _, shape, deep, dropout_p, layouts, dtypes = case
+    device = "cpu" if backend == "cpu" else "cuda"
+    if dtypes is None:
+        dtypes = EDGE_CPU_DTYPES if device == "cpu" else EDGE_GPU_DTYPES
+    else:
+        dtypes = dtypes[device == "cuda"]
+    errors = []
+    for dtype in dtypes:  # every dtype runs, the failures of all of them are reported together
+        if backend == "triton" and dtype == torch.float64 and shape[2] > 512:
+            t = _inputs(*shape, deep=deep, device=device, dtype=dtype, seed=20)
+            with pytest.raises(ValueError, match="float64 on a GPU only up to 512 channels"):
+                _call(sk.prompt_add, t, 0.7, dropout_p=dropout_p, seed=1, backend=backend)
+            continue
+        errors += _edge_case_errors(backend, device, dtype, shape, deep, dropout_p, layouts)
+    assert not errors, "\n".join(errors)
+
+
+def test_triton_float64_gpu_limit(monkeypatch):
+    """Compiled (GPU) Triton refuses float64 rows wider than its shared memory holds, with a clear error;
+    the interpreter runs any width."""
+    from sa2vp_kernels.triton import prompt_add as tp
+    monkeypatch.setattr(tp, "_INTERPRETED", True)
+    assert tp._row_blocks(1024, 16, torch.float64)[1] == 1024
+    monkeypatch.setattr(tp, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="backend='cuda' or 'reference' for float64"):
+        tp._row_blocks(768, 16, torch.float64)
+    assert tp._row_blocks(512, 64, torch.float64)[:3] == (16, 512, 64)
+    assert tp._row_blocks(768, 16, torch.float32)[:3] == (16, 1024, 16)

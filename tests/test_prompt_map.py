@@ -372,3 +372,79 @@ def test_gpu_auto_and_no_bias_no_pos():
     out = sk.prompt_map(*args, (14, 14), embed_grid=(7, 7), backend="auto")
     ref = prompt_map_reference(*[None if t is None else t.double() for t in args], (14, 14), embed_grid=(7, 7))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- edge grids for the first run of the CUDA kernels --------------------------------------------
+#
+# Strong down- and upsampling, a 1 x 1 prompt map, num_prefix 0 and 3, r in {1, 17, 64}, C below and
+# above the forward kernel's 128 threads. Every case on the compiled CPU kernels (run everywhere: they
+# prove the test itself) and on the CUDA and Triton kernels (GPU only), against the float64 reference,
+# bounded by plain PyTorch's own error in the same dtype (as test_gpu_matches_float64_reference).
+
+EDGE_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("triton", marks=pytest.mark.gpu)]
+EDGE_CPU_DTYPES = (torch.float32, torch.float64)  # the only dtypes of the CPU backend
+EDGE_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# (grid, embed_grid, num_prefix, C, r, bias, pos_embed)
+EDGE_CASES = [
+    ((5, 4), (14, 14), 0, 40, 1, True, True),      # 14x14 -> 5x4: taps 2-3 source rows apart
+    ((5, 4), (14, 14), 3, 136, 64, True, True),
+    ((64, 64), (3, 3), 0, 40, 64, True, True),     # 3x3 -> 64x64: N = 4096, clamped borders
+    ((64, 64), (3, 3), 3, 24, 17, True, True),
+    ((7, 7), (1, 1), 0, 136, 17, True, True),      # 1x1 -> 7x7: every output is the one source row
+    ((7, 7), (1, 1), 3, 40, 1, False, False),
+]
+
+
+def _edge_grid_errors(backend, device, dtype, case):
+    """Failures (as strings) of one case in one dtype; empty when all bounds hold."""
+    grid, egrid, T, C, r, bias, pos = case
+    args = [None if a is None else a.requires_grad_() for a in
+            _inputs(grid, egrid, T, C, r, bias, pos, dtype=dtype, device=device, seed=21)]
+    names = [n for n, a in zip(["embed", "weight", "bias", "pos_embed"], args) if a is not None]
+    args64 = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    leaves = [a for a in args if a is not None]
+    leaves64 = [a for a in args64 if a is not None]
+    out = sk.prompt_map(*args, grid, num_prefix=T, embed_grid=egrid, backend=backend)
+    out_torch = prompt_map_reference(*args, grid, num_prefix=T, embed_grid=egrid)
+    ref = prompt_map_reference(*args64, grid, num_prefix=T, embed_grid=egrid)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    g = g.to(device=device, dtype=dtype)
+    errors = []
+    if out.dtype != dtype or out.shape != ref.shape:
+        return [f"{dtype}: out has dtype {out.dtype} and shape {tuple(out.shape)}, expected {tuple(ref.shape)}"]
+    grads = torch.autograd.grad(out, leaves, g)
+    grads_torch = torch.autograd.grad(out_torch, leaves, g)
+    grads_ref = torch.autograd.grad(ref, leaves64, g.double())
+    # float64: plain PyTorch is the reference itself, so a fixed relative slack instead of 2 ulps
+    slack = 1e-12 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps
+    # d_weight and d_bias are sums over all N tokens, which the CPU and CUDA kernels accumulate in token
+    # order in one accumulator (deterministic) where PyTorch sums pairwise / in a tree: a sequential sum's
+    # rounding error grows like sqrt(N) ulps of the accumulation dtype (float32 for every dtype but float64)
+    eps_acc = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    token_sum_slack = math.sqrt(ref.shape[1]) * eps_acc
+    for name, a, t, b in zip(["out"] + names, (out, *grads), (out_torch, *grads_torch), (ref, *grads_ref)):
+        err = (a.double() - b).abs().max().item()
+        err_torch = (t.double() - b).abs().max().item()
+        rel = slack + (token_sum_slack if name in ("weight", "bias") else 0.0)
+        bound = 2 * err_torch + rel * b.abs().max().item()
+        if a.dtype != dtype or a.shape != b.shape:
+            errors.append(f"{dtype} {name}: dtype {a.dtype}, shape {tuple(a.shape)}")
+        elif not err <= bound:  # (NaN fails too)
+            errors.append(f"{dtype} {name}: error {err:.3g} > bound {bound:.3g} (PyTorch {err_torch:.3g})")
+    return errors
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=_ids)
+def test_edge_grids_against_float64(backend, case):
+    grid, egrid, T, C, r, bias, pos = case
+    device = "cpu" if backend == "cpu" else "cuda"
+    # the float64 reference itself against the resampling written from its definition, for these grids
+    args64 = _inputs(grid, egrid, T, C, r, bias, pos, seed=21)
+    torch.testing.assert_close(prompt_map_reference(*args64, grid, num_prefix=T, embed_grid=egrid),
+                               _dense_oracle(*args64, grid, egrid, T), rtol=1e-12, atol=1e-12)
+    errors = []
+    for dtype in EDGE_CPU_DTYPES if device == "cpu" else EDGE_GPU_DTYPES:  # all run, failures reported together
+        errors += _edge_grid_errors(backend, device, dtype, case)
+    assert not errors, "\n".join(errors)

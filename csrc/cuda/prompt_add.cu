@@ -568,7 +568,8 @@ int warps_for(int64_t per_warp, const char* what) {
   TORCH_CHECK(per_warp <= max_per_block, what, ": the number of channels is too large for the CUDA kernels on this "
               "device (", per_warp, " bytes of shared memory per warp, the device allows ", max_per_block,
               " per block)");
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, kBudget / per_warp)));
+  const int64_t budget = std::min(kBudget, max_per_block);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, budget / per_warp)));
 }
 
 template <typename Kernel>

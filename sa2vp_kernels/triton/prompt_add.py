@@ -216,6 +216,11 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Whole-row float64 tiles of more channels need more than the 227 KiB of shared memory of an H100
+# block (python -m sa2vp_kernels.triton.aot: 256 KiB for 1024 channels).
+_MAX_GPU_FP64_COLS = 512
+
+
 def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps) of the token-tile kernels.
 
@@ -224,6 +229,11 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]
     spills (``python -m sa2vp_kernels.triton.aot`` reports registers and spills per configuration).
     """
     block_c = triton.next_power_of_2(C)
+    if dtype == torch.float64 and block_c > _MAX_GPU_FP64_COLS and not _INTERPRETED:
+        raise ValueError(
+            f"prompt_add with backend='triton' runs float64 on a GPU only up to {_MAX_GPU_FP64_COLS} channels "
+            f"(its tiles hold whole rows, and float64 rows of {C} channels exceed the shared memory of a "
+            f"block); use backend='cuda' or 'reference' for float64")
     block_r = max(16, triton.next_power_of_2(r))
     block_m = 16
     per_warp = 2048 if dtype.itemsize < 4 else 1024
@@ -320,3 +330,6 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     dt = message.dtype
     return (grad_message, grad_norm_weight.to(dt), grad_norm_bias.to(dt), grad_down_weight.to(dt),
             grad_down_bias.to(dt), grad_up_weight.to(dt), grad_up_bias.to(dt))
+
+
+_INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.jit.JITFunction)
