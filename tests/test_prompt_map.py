@@ -418,15 +418,15 @@ def _edge_grid_errors(backend, device, dtype, case):
     grads_ref = torch.autograd.grad(ref, leaves64, g.double())
     # float64: plain PyTorch is the reference itself, so a fixed relative slack instead of 2 ulps
     slack = 1e-12 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps
-    # d_weight and d_bias are sums over all N tokens, which the CPU and CUDA kernels accumulate in token
-    # order in one accumulator (deterministic) where PyTorch sums pairwise / in a tree: a sequential sum's
-    # rounding error grows like sqrt(N) ulps of the accumulation dtype (float32 for every dtype but float64)
+    # d_weight and d_bias are sums over all N tokens. The CPU kernel adds blocks of 128 tokens, then the
+    # blocks (held to the plain bound); the GPU kernels add up to N / 16 tokens in sequence (fixed order,
+    # no atomics) where PyTorch sums in a tree: allow sqrt(N) ulps of the accumulation dtype for them
     eps_acc = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     token_sum_slack = math.sqrt(ref.shape[1]) * eps_acc
     for name, a, t, b in zip(["out"] + names, (out, *grads), (out_torch, *grads_torch), (ref, *grads_ref)):
         err = (a.double() - b).abs().max().item()
         err_torch = (t.double() - b).abs().max().item()
-        rel = slack + (token_sum_slack if name in ("weight", "bias") else 0.0)
+        rel = slack + (token_sum_slack if name in ("weight", "bias") and backend != "cpu" else 0.0)
         bound = 2 * err_torch + rel * b.abs().max().item()
         if a.dtype != dtype or a.shape != b.shape:
             errors.append(f"{dtype} {name}: dtype {a.dtype}, shape {tuple(a.shape)}")

@@ -9,7 +9,7 @@
 // Backward:
 //   d_res    = grad @ weight       (N, r)  tiles of kTok tokens x kLanes columns
 //   d_weight = grad^T @ res        (C, r)  tiles of kTok channels x kLanes columns (res recomputed)
-//   d_bias   = column sums of grad
+//   d_bias   = column sums of grad         (both summed in blocks of kSumBlock tokens, then over blocks)
 //   d_embed  = adjoint resampling of d_res, gathered per source row over the outputs it reaches.
 // float32 on a processor with AVX-512 runs the same steps with the products of cpu/simd512.h
 // (SA2VP_CPU_ISA caps the choice: cpu/isa.h); the sums keep a fixed order there too.
@@ -29,6 +29,11 @@ namespace {
 
 constexpr int64_t kTok = 4;
 constexpr int64_t kLanes = 8;
+// d_weight and d_bias sum over all N tokens: in blocks of kSumBlock tokens, the block sums then
+// added in order. A single running sum over N tokens has a rounding error that grows with N (float32
+// d_weight on 64 x 64 grids drifted to several times PyTorch's error); blocks bound it by about
+// kSumBlock + N / kSumBlock additions. The blocks depend only on N: results stay bitwise reproducible.
+constexpr int64_t kSumBlock = 128;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -162,13 +167,24 @@ void backward_kernel(const scalar_t* grad, const scalar_t* embed, const scalar_t
       for (int64_t t = 0; t < kTok; ++t) g[t] = grad + c0 + std::min(t, ct - 1);
       for (int64_t k0 = 0; k0 < s.r; k0 += kLanes) {
         scalar_t acc[kTok][kLanes] = {};
-        rank1_tile(acc, g, s.C, res.data() + k0, rp, s.N);
+        for (int64_t n0 = 0; n0 < s.N; n0 += kSumBlock) {
+          const scalar_t* gb[kTok];
+          for (int64_t t = 0; t < kTok; ++t) gb[t] = g[t] + n0 * s.C;
+          scalar_t part[kTok][kLanes] = {};
+          rank1_tile(part, gb, s.C, res.data() + n0 * rp + k0, rp, std::min(kSumBlock, s.N - n0));
+          for (int64_t t = 0; t < kTok; ++t)
+            for (int64_t j = 0; j < kLanes; ++j) acc[t][j] += part[t][j];
+        }
         for (int64_t t = 0; t < ct; ++t)
           for (int64_t j = 0; j < std::min(kLanes, s.r - k0); ++j) d_weight[(c0 + t) * s.r + k0 + j] = acc[t][j];
       }
       for (int64_t t = 0; t < ct; ++t) {
         scalar_t sum = scalar_t(0);
-        for (int64_t n = 0; n < s.N; ++n) sum += grad[n * s.C + c0 + t];
+        for (int64_t n0 = 0; n0 < s.N; n0 += kSumBlock) {
+          scalar_t part = scalar_t(0);
+          for (int64_t n = n0; n < std::min(n0 + kSumBlock, s.N); ++n) part += grad[n * s.C + c0 + t];
+          sum += part;
+        }
         d_bias[c0 + t] = sum;
       }
     }
@@ -221,19 +237,33 @@ void backward_512(const float* grad, const float* embed, const float* weight, fl
     for (int64_t n = n0; n < n1; ++n) rows[n - n0] = grad + n * s.C;
     s5::rowdot_rows<false>(rows.data(), nullptr, n1 - n0, wt.data(), s.r, s.C, d_res.data() + n0 * s.r, s.r);
   });
-  // d_weight^T = res^T @ grad (r, C), summed over the tokens in order; d_bias = column sums of grad.
-  std::vector<float> dwt(s.r * s.C, 0.f);
-  s5::outer_rows(res.data(), s.r, s.N, s.r, dwt.data(), s.C, s5::PlainRows{grad, s.C});
-  for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t k = 0; k < s.r; ++k) d_weight[c * s.r + k] = dwt[k * s.C + c];
-  std::fill(d_bias, d_bias + s.C, 0.f);
-  for (int64_t n = 0; n < s.N; ++n) {
-    const float* g = grad + n * s.C;
-    for (int64_t c = 0; c < s.C; c += 16) {
-      const __mmask16 m = s5::col_mask(c, s.C);
-      s5::store(d_bias + c, m, _mm512_add_ps(s5::load(d_bias + c, m), s5::load(g + c, m)));
+  // d_weight^T = res^T @ grad (r, C) and d_bias = column sums of grad: one partial per block of
+  // kSumBlock tokens (in parallel), the partials then added in block order.
+  const int64_t blocks = (s.N + kSumBlock - 1) / kSumBlock, RC = s.r * s.C;
+  std::vector<float> part((RC + s.C) * blocks, 0.f);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kSumBlock, nb = std::min(kSumBlock, s.N - n0);
+      float* pw = part.data() + b * (RC + s.C);
+      float* pb = pw + RC;
+      s5::outer_rows(res.data() + n0 * s.r, s.r, nb, s.r, pw, s.C, s5::PlainRows{grad + n0 * s.C, s.C});
+      for (int64_t n = n0; n < n0 + nb; ++n) {
+        const float* g = grad + n * s.C;
+        for (int64_t c = 0; c < s.C; c += 16) {
+          const __mmask16 m = s5::col_mask(c, s.C);
+          s5::store(pb + c, m, _mm512_add_ps(s5::load(pb + c, m), s5::load(g + c, m)));
+        }
+      }
     }
+  });
+  std::vector<float> total(RC + s.C, 0.f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* p = part.data() + b * (RC + s.C);
+    for (int64_t i = 0; i < RC + s.C; ++i) total[i] += p[i];
   }
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t k = 0; k < s.r; ++k) d_weight[c * s.r + k] = total[k * s.C + c];
+  std::copy(total.begin() + RC, total.end(), d_bias);
   adjoint_resample(d_res.data(), d_embed, s);
 }
 
