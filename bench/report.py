@@ -27,6 +27,7 @@ SECTIONS = {
     "prompt_add": "prompt_add (LayerNorm, adapter, dropout, scaled add)",
     "prompt_map": "prompt_map (resample, up-projection, positional embedding)",
     "host": "Host time per call (tiny inputs: entry point, checks, autograd, dispatch)",
+    "tune": "Triton launch configurations (forward; CUDA-graph times on a GPU)",
 }
 
 

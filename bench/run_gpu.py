@@ -10,7 +10,8 @@ fwd / bwd / fwd+bwd; our Triton and CUDA kernels, the vectorised reference, dens
 neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, fwd+bwd; kernels,
 reference, the unfused nn composition, eager and compiled); prompt_map; the SA2VP ViT-B/16 training
 step and inference at 224 (auto backend against backend="reference"); N scaling 197 -> 785 -> 4097
-with peak memory; windows 3/5/7; the model at 448; CUDA-graph timings of the fast measurements.
+with peak memory; windows 3/5/7; the model at 448; CUDA-graph timings of the fast measurements; last,
+a sweep of Triton launch configurations around the defaults (section "tune", forward only).
 
 Each section gets a share of the time left when it starts and skips its remaining items once over
 it; the results file is rewritten after every measurement, so a run cut short still leaves data.
@@ -62,10 +63,15 @@ class Plan:
     graph_rep_ms: float = 10  # CUDA-graph timing as well (0: eager timing only) ...
     graph_below_ms: float = 5  # ... of calls fast enough for the host's launch overhead to matter
     copy_bytes: int = 1 << 30
+    # Sweeps of the last section, each compiling without spills for sm_90 at the benchmark shapes
+    # (python -m sa2vp_kernels.triton.aot): prompt_add (BLOCK_M, num_warps); the tiled attention
+    # forward (num_warps, head-dim chunk BLOCK_DC), 0 = the default.
+    tune_prompt_add: tuple = ((16, 8), (16, 16), (32, 16))
+    tune_attention: tuple = ((0, 0), (2, 0), (4, 0), (16, 0), (0, 32), (0, 128), (4, 128))
     shares: dict = field(default_factory=lambda: {
         "attention": 0.35, "prompt_add": 0.25, "prompt_map": 0.12, "end_to_end": 0.45,
         "scaling": 0.45, "windows": 0.5, "end_to_end_large": 0.5, "end_to_end_swin": 0.6,
-        "graphs": 1.0})
+        "graphs": 0.7, "tune": 1.0})
 
     @classmethod
     def tiny(cls) -> "Plan":
@@ -525,8 +531,90 @@ def section_graphs(run: Run) -> None:
         run.free()
 
 
+def _time_tuned(run: Run, section: str, case, provider: str, make, pass_: str = "fwd") -> None:
+    """One configuration of a sweep: CUDA-graph time on a GPU (launch overhead left out), else eager."""
+    common = run.common
+    rec = {"section": section, "case": case.label, "provider": provider, "pass": pass_, **case.params()}
+    try:
+        work = make()
+        fn = work.runner(pass_)
+        if run.cuda:
+            timing = common.time_cuda_graph(fn, run.device, rep_ms=max(run.plan.graph_rep_ms, 5))
+            rec.update(ms=timing["ms_graph"], ms_min=timing["ms_graph_min"], timing="cuda-graph")
+        else:
+            rec.update(common.time_fn(fn, run.device, warmup_ms=run.plan.warmup_ms, rep_ms=run.plan.rep_ms))
+        rec["bytes"] = case.bytes(pass_)
+        rec["gbps"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e9
+        if run.copy_gbps:
+            rec["bw_frac"] = rec["gbps"] / run.copy_gbps
+        del fn, work
+    except Exception as exc:
+        rec["error"] = _short(exc)
+        run.check_alive()
+    run.free()
+    run.add(rec)
+
+
+def section_tune(run: Run) -> None:
+    """Forward timings of Triton launch configurations around the defaults, for tuning them on this
+    card: prompt_add (BLOCK_M, num_warps) and the tiled attention (num_warps, head-dim chunk). The
+    defaults are the configurations labelled "default"."""
+    import dataclasses
+
+    common = run.common
+    from sa2vp_kernels._dispatch import triton_interpreted
+    if "triton" not in common.kernel_backends(run.device) and not (run.args.tiny and triton_interpreted()):
+        run.skip("tune", "triton", "the Triton kernels do not run on this device")
+        return
+    from sa2vp_kernels.triton import local_attn as tla
+    from sa2vp_kernels.triton import prompt_add as tpa
+
+    dtype = getattr(common.torch, run.plan.dtype_name)
+    B, N, C, r = run.plan.prompt_add[0]
+    case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
+    default_rows = tpa._row_blocks
+    for block_m, warps in run.plan.tune_prompt_add:
+        if run.over():
+            run.skip("tune", f"prompt_add m{block_m} w{warps}", "over the section's time budget")
+            continue
+
+        def rows(C_, r_, dt, block_m=block_m, warps=warps):
+            return (block_m, *default_rows(C_, r_, dt)[1:3], warps)
+
+        chosen = default_rows(C, r, dtype)
+        label = f"triton m{block_m} w{warps}" + (" default" if (block_m, warps) == (chosen[0], chosen[3]) else "")
+        tpa._row_blocks = rows
+        try:
+            _time_tuned(run, "tune", case, label,
+                        lambda: common.prompt_add_workload("triton", case, run.device, n_sets=2))
+        finally:
+            tpa._row_blocks = default_rows
+
+    default_plan = tla._tile_plan
+    for heads, dim in run.plan.layouts:
+        acase = _attn_case(run, heads, dim, run.plan.grid)
+        for warps, block_dc in run.plan.tune_attention:
+            label = ("triton default" if (warps, block_dc) == (0, 0)
+                     else f"triton w{warps or 'd'} dc{block_dc or 'd'}")
+            if run.over():
+                run.skip("tune", f"attention {acase.label} {label}", "over the section's time budget")
+                continue
+
+            def plan(*key, warps=warps, block_dc=block_dc):
+                p = default_plan(*key)
+                if p is None:
+                    return None
+                return dataclasses.replace(p, num_warps=warps or p.num_warps, block_dc=block_dc or p.block_dc)
+
+            tla._tile_plan = plan
+            try:
+                _time_tuned(run, "tune", acase, label, _attn_make(run, "triton", acase))
+            finally:
+                tla._tile_plan = default_plan
+
+
 SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "scaling", "windows",
-            "end_to_end_large", "end_to_end_swin", "graphs")
+            "end_to_end_large", "end_to_end_swin", "graphs", "tune")
 
 
 def run_sections(run: Run, names) -> None:
@@ -541,6 +629,7 @@ def run_sections(run: Run, names) -> None:
         "end_to_end_large": lambda r: section_end_to_end(r, r.plan.e2e_last),
         "end_to_end_swin": lambda r: section_end_to_end(r, r.plan.e2e_swin, r.plan.swin_model),
         "graphs": section_graphs,
+        "tune": section_tune,
     }
     for name in SECTIONS:
         if name not in names:

@@ -90,3 +90,27 @@ def test_graph_timings_are_added_last(tmp_path, monkeypatch):
     for r in records:
         assert ("ms_graph" in r) == (r["pass"] != "bwd"), r
     assert len(calls) == sum(r["pass"] != "bwd" for r in records)
+
+
+def test_tune_section_restores_the_defaults(tmp_path):
+    # The sweep swaps the launch-configuration helpers of the Triton ops for each configuration; under the
+    # interpreter (tiny shapes) every configuration must run, be labelled, and leave the defaults in place.
+    from sa2vp_kernels.triton import local_attn as tla
+    from sa2vp_kernels.triton import prompt_add as tpa
+
+    defaults = (tpa._row_blocks, tla._tile_plan)
+    args = run_gpu.parse_args(["--dry-run", "--out", str(tmp_path), "--no-copy"])
+    plan = run_gpu.Plan.tiny()
+    plan.layouts = plan.layouts[:1]
+    plan.tune_prompt_add = ((16, 4), (32, 8))  # (16, 4): the default at the tiny float32 shape
+    plan.tune_attention = ((0, 0), (8, 16), (2, 0))
+    run = run_gpu.Run(args, plan)
+    run.begin("tune")
+    run_gpu.section_tune(run)
+    assert (tpa._row_blocks, tla._tile_plan) == defaults
+    records = run.results["records"]
+    assert not [r for r in records if r.get("error")], records
+    labels = [r["provider"] for r in records]
+    assert len(labels) == len(plan.tune_prompt_add) + len(plan.tune_attention)
+    assert sum(label.endswith("default") for label in labels) == 2
+    assert "triton w8 dc16" in labels and all(r["ms"] > 0 for r in records)
