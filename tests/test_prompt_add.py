@@ -605,23 +605,35 @@ def test_edge_cases_against_float64(backend, case):
         dtypes = dtypes[device == "cuda"]
     errors = []
     for dtype in dtypes:  # every dtype runs, the failures of all of them are reported together
-        if backend == "triton" and dtype == torch.float64 and shape[2] > 512:
+        if backend == "triton" and _triton_tile_too_big(shape, dtype, device):
             t = _inputs(*shape, deep=deep, device=device, dtype=dtype, seed=20)
-            with pytest.raises(ValueError, match="float64 on a GPU only up to 512 channels"):
+            with pytest.raises(ValueError, match="holds whole rows in its GPU tiles"):
                 _call(sk.prompt_add, t, 0.7, dropout_p=dropout_p, seed=1, backend=backend)
             continue
         errors += _edge_case_errors(backend, device, dtype, shape, deep, dropout_p, layouts)
     assert not errors, "\n".join(errors)
 
 
-def test_triton_float64_gpu_limit(monkeypatch):
-    """Compiled (GPU) Triton refuses float64 rows wider than its shared memory holds, with a clear error;
-    the interpreter runs any width."""
+def _triton_tile_too_big(shape, dtype, device):
     from sa2vp_kernels.triton import prompt_add as tp
+    block_m, block_c, block_r, _ = tp._row_blocks(shape[2], shape[3], dtype)
+    return tp._tile_shared_bytes(block_m, block_c, block_r, dtype) > tp._shared_limit(torch.device(device))
+
+
+def test_triton_gpu_tile_limit(monkeypatch):
+    """On a GPU, Triton refuses rows whose whole-row tiles exceed the card's shared memory, with a clear
+    error (the interpreter runs any width); the estimate is checked against compiled kernels in
+    test_triton_aot.py."""
+    from sa2vp_kernels.triton import prompt_add as tp
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(tp, "_shared_limit", lambda device: 166912)  # an A100
     monkeypatch.setattr(tp, "_INTERPRETED", True)
-    assert tp._row_blocks(1024, 16, torch.float64)[1] == 1024
+    tp._check_fits(16, 4096, 64, torch.float32, cuda, 4096, 64)
     monkeypatch.setattr(tp, "_INTERPRETED", False)
-    with pytest.raises(ValueError, match="backend='cuda' or 'reference' for float64"):
-        tp._row_blocks(768, 16, torch.float64)
-    assert tp._row_blocks(512, 64, torch.float64)[:3] == (16, 512, 64)
-    assert tp._row_blocks(768, 16, torch.float32)[:3] == (16, 1024, 16)
+    tp._check_fits(16, 4096, 64, torch.float32, torch.device("cpu"), 4096, 64)
+    tp._check_fits(*tp._row_blocks(768, 16, torch.float32)[:3], torch.float32, cuda, 768, 16)  # ViT-B
+    tp._check_fits(*tp._row_blocks(1280, 16, torch.bfloat16)[:3], torch.bfloat16, cuda, 1280, 16)  # ViT-H
+    with pytest.raises(ValueError, match=r"1280 channels with rank r = 16 in float32 need 262144 bytes .* has 166912"):
+        tp._check_fits(*tp._row_blocks(1280, 16, torch.float32)[:3], torch.float32, cuda, 1280, 16)
+    with pytest.raises(ValueError, match="Use backend='cuda'"):
+        tp._check_fits(*tp._row_blocks(1024, 64, torch.float32)[:3], torch.float32, cuda, 1024, 64)

@@ -67,6 +67,22 @@ def test_benchmark_shapes_do_not_spill(sm90):
     assert not spilled, "\n".join(spilled)
 
 
+def test_prompt_add_shared_memory_estimate(sm90):
+    """The launcher's estimate of the row kernels' shared memory (its guard against tiles a GPU cannot
+    hold) is never below what the compiler allocates."""
+    import torch
+    from sa2vp_kernels.triton import prompt_add as tp
+    _, rows = sm90
+    checked = 0
+    for r in rows:
+        if r["op"] == "prompt_add" and r["kernel"] in ("_fwd_kernel", "_bwd_rows_kernel") and r["ok"]:
+            c = r["constexprs"]
+            estimate = tp._tile_shared_bytes(c["BLOCK_M"], c["BLOCK_C"], c["BLOCK_R"], getattr(torch, r["dtype"]))
+            assert r["shared"] <= estimate, (r["case"], r["kernel"], r["shared"], estimate)
+            checked += 1
+    assert checked >= 10
+
+
 def test_benchmark_shapes_compile_for_sm80(tmp_path):
     proc, rows = _run_aot(tmp_path, "--arch", "80", "--quick")
     assert rows and all(r["arch"] == 80 for r in rows)

@@ -63,6 +63,7 @@ class Result:
     shared: int = -1
     shared_limit: int = 0
     constexprs: dict = field(default_factory=dict)
+    dtype: str = ""  # of the first tensor argument
     error: str = ""
 
     @property
@@ -121,6 +122,8 @@ def _record_prompt_add(quick: bool):
             ("C=768 r=16 fp32 p=0", 4, 197, 768, 16, False, 0.0, torch.float32),
             ("C=768 r=64 fp16 p=0.1", 4, 197, 768, 64, False, 0.1, torch.float16),
             ("C=1024 r=8 bf16", 4, 197, 1024, 8, True, 0.0, torch.bfloat16),
+            ("C=2048 r=16 bf16", 2, 7, 2048, 16, True, 0.1, torch.bfloat16),
+            ("C=1024 r=16 fp32", 2, 7, 1024, 16, True, 0.1, torch.float32),
             ("C=40 r=3 fp32", 3, 7, 40, 3, True, 0.1, torch.float32),
             ("C=100 r=17 bf16", 3, 21, 100, 17, False, 0.0, torch.bfloat16),
         ]
@@ -236,7 +239,8 @@ def compile_launch(launch: Launch, arch: int) -> Result:
     fn = launch.kernel
     name = getattr(fn, "__name__", None) or fn.fn.__name__
     result = Result(launch.op, launch.case, name, arch, ok=False, seconds=0.0,
-                    shared_limit=SHARED_LIMIT.get(arch, 101376))
+                    shared_limit=SHARED_LIMIT.get(arch, 101376),
+                    dtype=next((str(a.dtype).replace("torch.", "") for a in launch.args if hasattr(a, "dtype")), ""))
     start = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)

@@ -216,9 +216,32 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Whole-row float64 tiles of more channels need more than the 227 KiB of shared memory of an H100
-# block (python -m sa2vp_kernels.triton.aot: 256 KiB for 1024 channels).
-_MAX_GPU_FP64_COLS = 512
+# Shared memory of the token-tile kernels: their tl.dot operands, a BLOCK_M x BLOCK_C tile of rows and
+# a BLOCK_R x BLOCK_C weight tile, in the input dtype (python -m sa2vp_kernels.triton.aot, Triton 3.8,
+# sm_80/sm_90: e.g. 128 KiB for C = 768, r = 16 in float32).
+_A100_SHARED = 166912  # opt-in shared memory per block of an A100 (the smallest card the build targets)
+
+
+def _tile_shared_bytes(block_m: int, block_c: int, block_r: int, dtype: torch.dtype) -> int:
+    return (block_m + block_r) * block_c * dtype.itemsize
+
+
+def _shared_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", _A100_SHARED))
+
+
+def _check_fits(block_m: int, block_c: int, block_r: int, dtype: torch.dtype, device: torch.device,
+                C: int, r: int) -> None:
+    """A clear error when the whole-row tiles of C channels cannot fit the GPU's shared memory."""
+    if _INTERPRETED or device.type != "cuda":
+        return
+    need, limit = _tile_shared_bytes(block_m, block_c, block_r, dtype), _shared_limit(device)
+    if need > limit:
+        raise ValueError(
+            f"prompt_add with backend='triton' holds whole rows in its GPU tiles: {C} channels with rank r = {r} "
+            f"in {str(dtype).replace('torch.', '')} need {need} bytes of shared memory per block and this GPU "
+            f"has {limit}. Use backend='cuda' (or 'auto') for rows this wide")
 
 
 def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -229,11 +252,6 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]
     spills (``python -m sa2vp_kernels.triton.aot`` reports registers and spills per configuration).
     """
     block_c = triton.next_power_of_2(C)
-    if dtype == torch.float64 and block_c > _MAX_GPU_FP64_COLS and not _INTERPRETED:
-        raise ValueError(
-            f"prompt_add with backend='triton' runs float64 on a GPU only up to {_MAX_GPU_FP64_COLS} channels "
-            f"(its tiles hold whole rows, and float64 rows of {C} channels exceed the shared memory of a "
-            f"block); use backend='cuda' or 'reference' for float64")
     block_r = max(16, triton.next_power_of_2(r))
     block_m = 16
     per_warp = 2048 if dtype.itemsize < 4 else 1024
@@ -275,6 +293,7 @@ def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weig
     rstd = torch.empty((M,), dtype=stat, device=message.device)
     z = torch.empty((M, r), dtype=stat, device=message.device)
     block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
+    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r)
     inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
     has_deep = deep is not None
     wrap_triton(_fwd_kernel)[(triton.cdiv(M, block_m),)](
@@ -302,6 +321,7 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     grad_message = torch.empty((B, N, C), dtype=message.dtype, device=dev)
     gz = torch.empty((M, r), dtype=stat, device=dev)
     block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
+    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r)
     wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
         grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
