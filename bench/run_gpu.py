@@ -579,7 +579,8 @@ def section_tune(run: Run) -> None:
             continue
 
         def rows(C_, r_, dt, block_m=block_m, warps=warps):
-            return (block_m, *default_rows(C_, r_, dt)[1:3], warps)
+            d = default_rows(C_, r_, dt)
+            return (block_m, d[1], d[2], warps, *d[4:])
 
         chosen = default_rows(C, r, dtype)
         label = f"triton m{block_m} w{warps}" + (" default" if (block_m, warps) == (chosen[0], chosen[3]) else "")

@@ -605,35 +605,76 @@ def test_edge_cases_against_float64(backend, case):
         dtypes = dtypes[device == "cuda"]
     errors = []
     for dtype in dtypes:  # every dtype runs, the failures of all of them are reported together
-        if backend == "triton" and _triton_tile_too_big(shape, dtype, device):
-            t = _inputs(*shape, deep=deep, device=device, dtype=dtype, seed=20)
-            with pytest.raises(ValueError, match="holds whole rows in its GPU tiles"):
-                _call(sk.prompt_add, t, 0.7, dropout_p=dropout_p, seed=1, backend=backend)
-            continue
         errors += _edge_case_errors(backend, device, dtype, shape, deep, dropout_p, layouts)
     assert not errors, "\n".join(errors)
 
 
-def _triton_tile_too_big(shape, dtype, device):
-    from sa2vp_kernels.triton import prompt_add as tp
-    block_m, block_c, block_r, _ = tp._row_blocks(shape[2], shape[3], dtype)
-    return tp._tile_shared_bytes(block_m, block_c, block_r, dtype) > tp._shared_limit(torch.device(device))
+# ---- Triton: rows too wide for one tile run the chunked ("wide") kernels --------------------------
 
 
-def test_triton_gpu_tile_limit(monkeypatch):
-    """On a GPU, Triton refuses rows whose whole-row tiles exceed the card's shared memory, with a clear
-    error (the interpreter runs any width); the estimate is checked against compiled kernels in
-    test_triton_aot.py."""
+@pytest.mark.parametrize("C,r,dtype,wide", [
+    (768, 16, torch.bfloat16, False), (768, 16, torch.float32, False), (768, 64, torch.float16, False),
+    (1280, 16, torch.bfloat16, False), (1280, 16, torch.float32, True), (1024, 64, torch.float32, True),
+    (4096, 16, torch.bfloat16, True), (768, 16, torch.float64, True), (40, 3, torch.float64, False)])
+def test_triton_tile_plan(C, r, dtype, wide):
+    """Whole rows while their tiles fit an A100 block, chunks of channels beyond; every tile fits."""
     from sa2vp_kernels.triton import prompt_add as tp
+    block_m, block_c, block_r, _, is_wide = tp._row_blocks(C, r, dtype)
+    assert is_wide == wide
+    assert (block_c < C) == wide and block_c & (block_c - 1) == 0 and block_r >= r
+    assert tp._tile_shared_bytes(block_m, block_c, block_r, dtype, wide) <= (48 * 1024 if wide else tp._A100_SHARED)
+
+
+def test_triton_check_fits_names_the_limit(monkeypatch):
+    from sa2vp_kernels.triton import prompt_add as tp
+    monkeypatch.setattr(tp, "_shared_limit", lambda device: 48 * 1024)
     cuda = torch.device("cuda")
-    monkeypatch.setattr(tp, "_shared_limit", lambda device: 166912)  # an A100
     monkeypatch.setattr(tp, "_INTERPRETED", True)
-    tp._check_fits(16, 4096, 64, torch.float32, cuda, 4096, 64)
+    tp._check_fits(16, 1024, 16, torch.float32, cuda, 768, 16)  # the interpreter has no shared memory
     monkeypatch.setattr(tp, "_INTERPRETED", False)
-    tp._check_fits(16, 4096, 64, torch.float32, torch.device("cpu"), 4096, 64)
-    tp._check_fits(*tp._row_blocks(768, 16, torch.float32)[:3], torch.float32, cuda, 768, 16)  # ViT-B
-    tp._check_fits(*tp._row_blocks(1280, 16, torch.bfloat16)[:3], torch.bfloat16, cuda, 1280, 16)  # ViT-H
-    with pytest.raises(ValueError, match=r"1280 channels with rank r = 16 in float32 need 262144 bytes .* has 166912"):
-        tp._check_fits(*tp._row_blocks(1280, 16, torch.float32)[:3], torch.float32, cuda, 1280, 16)
-    with pytest.raises(ValueError, match="Use backend='cuda'"):
-        tp._check_fits(*tp._row_blocks(1024, 64, torch.float32)[:3], torch.float32, cuda, 1024, 64)
+    tp._check_fits(16, 1024, 16, torch.float32, torch.device("cpu"), 768, 16)
+    tp._check_fits(16, 256, 16, torch.float32, cuda, 768, 16)
+    with pytest.raises(ValueError, match=r"tiles of 1024 channels \(768 channels, rank r = 16, float32\) need "
+                                         r"131072 bytes .* this GPU has 49152"):
+        tp._check_fits(16, 1024, 16, torch.float32, cuda, 768, 16)
+
+
+@pytest.fixture
+def wide_triton(monkeypatch):
+    """The Triton prompt_add with every row chunked into 16 channels (C = 40: two full chunks and a
+    partial one), so the interpreter runs the wide kernels at small shapes."""
+    from sa2vp_kernels.triton import prompt_add as tp
+    monkeypatch.setattr(tp, "_WIDE_SHARED", 0)
+    monkeypatch.setattr(tp, "_CHUNK_SHARED", 16 * 16 * 2)  # (16 + 16) x 16 channels of 1 byte: 16 channels
+    assert tp._row_blocks(40, 3, torch.float64)[1::3] == (16, True)
+    return tp
+
+
+@pytest.mark.parametrize("deep,p", [(True, 0.0), (False, 0.3)])
+def test_triton_wide_gradcheck(wide_triton, deep, p):
+    t = _inputs(2, 3, 40, 3, deep=deep, requires_grad=True, seed=23)
+    names = [k for k in NAMES if t[k] is not None]
+
+    def fn(*args):
+        d = dict(zip(names, args))
+        d.setdefault("deep", None)
+        d.setdefault("deep_scale", None)
+        return _call(sk.prompt_add, d, 0.6, dropout_p=p, seed=5, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, [t[k] for k in names], fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_wide_matches_reference(wide_triton, dtype):
+    t64 = _inputs(3, 7, 40, 5, deep=True, requires_grad=True, seed=24)
+    t = {k: v.detach().to(dtype).requires_grad_(True) for k, v in t64.items()}
+    out = _call(sk.prompt_add, t, 0.7, dropout_p=0.25, seed=9, backend="triton")
+    t_ex = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+    exact = _reference(t_ex, 0.7, 0.25, seed=9)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-11}[dtype]
+    torch.testing.assert_close(out.double(), exact.detach(), rtol=tol, atol=tol)
+    go = torch.randn(3, 7, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g, g_ex = _grads(out, t, go.to(dtype)), _grads(exact, t_ex, go)
+    for name in g_ex:
+        scale = g_ex[name].abs().max().item()
+        torch.testing.assert_close(g[name].double(), g_ex[name], rtol=tol, atol=tol * scale, msg=name)

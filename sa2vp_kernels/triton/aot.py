@@ -124,6 +124,9 @@ def _record_prompt_add(quick: bool):
             ("C=1024 r=8 bf16", 4, 197, 1024, 8, True, 0.0, torch.bfloat16),
             ("C=2048 r=16 bf16", 2, 7, 2048, 16, True, 0.1, torch.bfloat16),
             ("C=1024 r=16 fp32", 2, 7, 1024, 16, True, 0.1, torch.float32),
+            ("C=1280 r=16 fp32 (chunked rows)", 2, 7, 1280, 16, True, 0.1, torch.float32),
+            ("C=1024 r=64 fp32 (chunked rows)", 2, 7, 1024, 64, False, 0.0, torch.float32),
+            ("C=4096 r=16 bf16 (chunked rows)", 2, 7, 4096, 16, True, 0.1, torch.bfloat16),
             ("C=40 r=3 fp32", 3, 7, 40, 3, True, 0.1, torch.float32),
             ("C=100 r=17 bf16", 3, 21, 100, 17, False, 0.0, torch.bfloat16),
         ]

@@ -16,6 +16,10 @@ Backward, two kernels and a few tiny host reductions:
   fixed order (deterministic, no atomics).  Then ``grad_down_weight = A * norm_weight + sum(gz) (x)
   norm_bias``, ``grad_norm_weight = sum_j down_weight * A``, ``grad_norm_bias = sum(gz) @ down_weight``.
 
+Rows too wide for one tile's shared memory (float32 beyond 1024 channels, 16-bit beyond 2048, float64
+beyond 512, at r <= 16) run ``_fwd_wide_kernel`` / ``_bwd_rows_wide_kernel``: the same steps over
+chunks of channels, the message re-read per pass (from L2).
+
 Matrix products take the inputs' dtype (bf16/fp16 on tensor cores like PyTorch's own linear layers,
 fp32 in full IEEE precision, fp64 under the interpreter) and accumulate in fp32 (fp64 for fp64).
 Block sizes come from a small deterministic heuristic, no autotuning.
@@ -63,6 +67,84 @@ def _gelu_grad(z):
     return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
+# ---- pieces shared by the whole-row and the chunked (wide) token-tile kernels -----------------------
+
+
+@triton.jit
+def _token_rows(M, N, BLOCK_M: tl.constexpr):
+    """The BLOCK_M tokens of this program: flat index, validity, int64 index, batch and position."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    return rows, rows < M, rows64, rows64 // N, rows64 % N
+
+
+@triton.jit
+def _hidden(z, rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h,
+            DROPOUT: tl.constexpr):
+    """z += down_bias (stored for the backward), then h = drop(gelu(z)) in the products' dtype."""
+    z += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(z.dtype)[None, :]
+    tl.store(z_ptr + rows64[:, None] * R + rr[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
+    h = _gelu(z)
+    if DROPOUT:
+        h = tl.where(_keep(rows, rr, key_h, threshold), h * inv_keep, 0.0)
+    return h
+
+
+@triton.jit
+def _store_out(u, rows, rows64, n, cols, col_ok, tile_ok, t_rows, target_ptr, out_ptr, ub_ptr, deep_ptr, ds_ptr,
+               C, scale, inv_keep, threshold, key_o, HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr):
+    """out = target + scale * drop(u + up_bias) [+ deep_scale * deep] for the columns cols."""
+    u += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(u.dtype)[None, :]
+    if DROPOUT:
+        u = tl.where(_keep(rows, cols, key_o, threshold), u * inv_keep, 0.0)
+    t = tl.load(target_ptr + t_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    out = t.to(u.dtype) + scale * u
+    if HAS_DEEP:
+        d = tl.load(deep_ptr + n[:, None] * C + cols[None, :], mask=tile_ok, other=0.0).to(u.dtype)
+        ds = tl.load(ds_ptr + cols, mask=col_ok, other=0.0).to(u.dtype)
+        out += ds[None, :] * d
+    tl.store(out_ptr + rows64[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _grad_up(grad_ptr, g_rows, rows, cols, tile_ok, acc_ty, scale, inv_keep, threshold, key_o,
+             DROPOUT: tl.constexpr):
+    """gu = scale * drop'(grad_out) for the columns cols."""
+    go = tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    gu = go.to(acc_ty) * scale
+    if DROPOUT:
+        gu = tl.where(_keep(rows, cols, key_o, threshold), gu * inv_keep, 0.0)
+    return gu
+
+
+@triton.jit
+def _grad_hidden(gh, rows, rows64, rr, low_ok, z_ptr, gz_ptr, R, inv_keep, threshold, key_h,
+                 DROPOUT: tl.constexpr):
+    """gz = drop'(gh) * gelu'(z), stored for the weight-gradient kernel."""
+    if DROPOUT:
+        gh = tl.where(_keep(rows, rr, key_h, threshold), gh * inv_keep, 0.0)
+    z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+    gz = tl.where(low_ok, gh * _gelu_grad(z), 0.0)
+    tl.store(gz_ptr + rows64[:, None] * R + rr[None, :], gz, mask=low_ok)
+    return gz
+
+
+@triton.jit
+def _grad_ln_terms(gz, cols, col_ok, tile_ok, x_rows, rr, r_ok, message_ptr, nw_ptr, dw_ptr, mean, rstd, C):
+    """gy * gamma (gy = gz @ down_weight; down_weight (R, C): tile element (j, c) at j * C + c) and xhat
+    for the columns cols."""
+    acc_ty = mean.dtype
+    wd = tl.load(dw_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    gyg = tl.dot(gz.to(message_ptr.dtype.element_ty), wd, input_precision="ieee", out_dtype=acc_ty) * gamma[None, :]
+    x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    xhat = tl.where(tile_ok, (x.to(acc_ty) - mean[:, None]) * rstd[:, None], 0.0)
+    return gyg, xhat
+
+
+# ---- whole rows -----------------------------------------------------------------------------------
+
+
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
                 uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
@@ -70,11 +152,7 @@ def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
     dot_ty = message_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    b = rows64 // N
-    n = rows64 % N
+    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     rr = tl.arange(0, BLOCK_R)
@@ -96,25 +174,13 @@ def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_
     # z = y @ down_weight^T + down_bias   (down_weight (R, C): tile element (c, j) at j * C + c)
     wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
     z = tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty)
-    z += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(acc_ty)[None, :]
-    tl.store(z_ptr + rows64[:, None] * R + rr[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
-    h = _gelu(z)
-    if DROPOUT:
-        h = tl.where(_keep(rows, rr, key_h, threshold), h * inv_keep, 0.0)
+    h = _hidden(z, rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h, DROPOUT)
 
     # u = h @ up_weight^T + up_bias   (up_weight (C, R): tile element (j, c) at c * R + j)
     wu_t = tl.load(uw_ptr + cols[None, :] * R + rr[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
     u = tl.dot(h.to(dot_ty), wu_t, input_precision="ieee", out_dtype=acc_ty)
-    u += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-    if DROPOUT:
-        u = tl.where(_keep(rows, cols, key_o, threshold), u * inv_keep, 0.0)
-    t = tl.load(target_ptr + (b * stride_tb + n * stride_tn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
-    out = t.to(acc_ty) + scale * u
-    if HAS_DEEP:
-        d = tl.load(deep_ptr + n[:, None] * C + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
-        ds = tl.load(ds_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        out += ds[None, :] * d
-    tl.store(out_ptr + rows64[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    _store_out(u, rows, rows64, n, cols, col_ok, tile_ok, b * stride_tb + n * stride_tn, target_ptr, out_ptr, ub_ptr,
+               deep_ptr, ds_ptr, C, scale, inv_keep, threshold, key_o, HAS_DEEP, DROPOUT)
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
@@ -124,44 +190,135 @@ def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, d
                      BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
     dot_ty = message_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    b = rows64 // N
-    n = rows64 % N
+    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    low_ok = row_ok[:, None] & r_ok[None, :]
 
-    go = tl.load(grad_ptr + (b * stride_gb + n * stride_gn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
-    gu = go.to(acc_ty) * scale
-    if DROPOUT:
-        gu = tl.where(_keep(rows, cols, key_o, threshold), gu * inv_keep, 0.0)
+    gu = _grad_up(grad_ptr, b * stride_gb + n * stride_gn, rows, cols, tile_ok, acc_ty, scale, inv_keep, threshold,
+                  key_o, DROPOUT)
     # gh = gu @ up_weight   (up_weight (C, R): tile element (c, j) at c * R + j)
     wu = tl.load(uw_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
     gh = tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty)
-    if DROPOUT:
-        gh = tl.where(_keep(rows, rr, key_h, threshold), gh * inv_keep, 0.0)
-    z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
-    gz = tl.where(low_ok, gh * _gelu_grad(z), 0.0)
-    tl.store(gz_ptr + rows64[:, None] * R + rr[None, :], gz, mask=low_ok)
-    # gy = gz @ down_weight   (down_weight (R, C): tile element (j, c) at j * C + c)
-    wd = tl.load(dw_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-    gy = tl.dot(gz.to(dot_ty), wd, input_precision="ieee", out_dtype=acc_ty)
-
-    x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+    gz = _grad_hidden(gh, rows, rows64, rr, row_ok[:, None] & r_ok[None, :], z_ptr, gz_ptr, R, inv_keep, threshold,
+                      key_h, DROPOUT)
     mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
-    xhat = tl.where(tile_ok, (x.to(acc_ty) - mean[:, None]) * rstd[:, None], 0.0)
-    gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-    gyg = gy * gamma[None, :]
+    gyg, xhat = _grad_ln_terms(gz, cols, col_ok, tile_ok, b * stride_mb + n * stride_mn, rr, r_ok, message_ptr,
+                               nw_ptr, dw_ptr, mean, rstd, C)
     c1 = tl.sum(gyg, axis=1) / C
     c2 = tl.sum(gyg * xhat, axis=1) / C
     dx = rstd[:, None] * (gyg - c1[:, None] - xhat * c2[:, None])
     tl.store(dx_ptr + rows64[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# ---- rows in chunks of BLOCK_C channels -----------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
+                     uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
+                     scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the message read three
+    times (mean, variance and down projection) and the output written chunk by chunk."""
+    acc_ty = z_ptr.dtype.element_ty
+    dot_ty = message_ptr.dtype.element_ty
+    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
+    x_rows = b * stride_mb + n * stride_mn
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+
+    total = tl.zeros([BLOCK_M], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        tile_ok = row_ok[:, None] & (cols < C)[None, :]
+        x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+        total += tl.sum(x, axis=1)
+    mean = total / C
+    total = tl.zeros([BLOCK_M], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        tile_ok = row_ok[:, None] & (cols < C)[None, :]
+        x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+        xc = tl.where(tile_ok, x - mean[:, None], 0.0)
+        total += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(total / C + eps)
+    tl.store(mean_ptr + rows64, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
+
+    z = tl.zeros([BLOCK_M, BLOCK_R], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+        gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        beta = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        y = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        z += tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty)
+    h = _hidden(z, rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h, DROPOUT).to(dot_ty)
+
+    t_rows = b * stride_tb + n * stride_tn
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        wu_t = tl.load(uw_ptr + cols[None, :] * R + rr[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        u = tl.dot(h, wu_t, input_precision="ieee", out_dtype=acc_ty)
+        _store_out(u, rows, rows64, n, cols, col_ok, row_ok[:, None] & col_ok[None, :], t_rows, target_ptr, out_ptr,
+                   ub_ptr, deep_ptr, ds_ptr, C, scale, inv_keep, threshold, key_o, HAS_DEEP, DROPOUT)
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
+                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep, threshold,
+                          key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, then the LayerNorm
+    sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz)."""
+    acc_ty = z_ptr.dtype.element_ty
+    dot_ty = message_ptr.dtype.element_ty
+    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
+    g_rows = b * stride_gb + n * stride_gn
+    x_rows = b * stride_mb + n * stride_mn
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+
+    gh = tl.zeros([BLOCK_M, BLOCK_R], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        gu = _grad_up(grad_ptr, g_rows, rows, cols, row_ok[:, None] & col_ok[None, :], acc_ty, scale, inv_keep,
+                      threshold, key_o, DROPOUT)
+        wu = tl.load(uw_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        gh += tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty)
+    gz = _grad_hidden(gh, rows, rows64, rr, row_ok[:, None] & r_ok[None, :], z_ptr, gz_ptr, R, inv_keep, threshold,
+                      key_h, DROPOUT)
+
+    mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
+    c1 = tl.zeros([BLOCK_M], acc_ty)
+    c2 = tl.zeros([BLOCK_M], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        gyg, xhat = _grad_ln_terms(gz, cols, col_ok, row_ok[:, None] & col_ok[None, :], x_rows, rr, r_ok,
+                                   message_ptr, nw_ptr, dw_ptr, mean, rstd, C)
+        c1 += tl.sum(gyg, axis=1)
+        c2 += tl.sum(gyg * xhat, axis=1)
+    c1 = c1 / C
+    c2 = c2 / C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        gyg, xhat = _grad_ln_terms(gz, cols, col_ok, tile_ok, x_rows, rr, r_ok, message_ptr, nw_ptr, dw_ptr, mean,
+                                   rstd, C)
+        dx = rstd[:, None] * (gyg - c1[:, None] - xhat * c2[:, None])
+        tl.store(dx_ptr + rows64[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
@@ -218,12 +375,20 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # Shared memory of the token-tile kernels: their tl.dot operands, a BLOCK_M x BLOCK_C tile of rows and
 # a BLOCK_R x BLOCK_C weight tile, in the input dtype (python -m sa2vp_kernels.triton.aot, Triton 3.8,
-# sm_80/sm_90: e.g. 128 KiB for C = 768, r = 16 in float32).
+# sm_80/sm_90: e.g. 128 KiB for whole rows of C = 768, r = 16 in float32).
 _A100_SHARED = 166912  # opt-in shared memory per block of an A100 (the smallest card the build targets)
+# Whole rows whose tiles would need more than this run the chunked ("wide") kernels, with chunks of
+# channels whose tiles need at most _CHUNK_SHARED (the chunk loops are software-pipelined, which holds
+# up to three chunks: 16 KiB keeps them under 48 KiB and free of spills on sm_80/sm_90 for C up to 4096
+# and r up to 64). The choice depends only on (C, r, dtype), so the interpreter and every GPU run the
+# same configuration.
+_WIDE_SHARED = _A100_SHARED
+_CHUNK_SHARED = 16 * 1024
+_PIPELINE_STAGES = 3  # Triton's default num_stages on sm_80/sm_90
 
 
-def _tile_shared_bytes(block_m: int, block_c: int, block_r: int, dtype: torch.dtype) -> int:
-    return (block_m + block_r) * block_c * dtype.itemsize
+def _tile_shared_bytes(block_m: int, block_c: int, block_r: int, dtype: torch.dtype, wide: bool = False) -> int:
+    return (block_m + block_r) * block_c * dtype.itemsize * (_PIPELINE_STAGES if wide else 1)
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -232,31 +397,37 @@ def _shared_limit(device: torch.device) -> int:
 
 
 def _check_fits(block_m: int, block_c: int, block_r: int, dtype: torch.dtype, device: torch.device,
-                C: int, r: int) -> None:
-    """A clear error when the whole-row tiles of C channels cannot fit the GPU's shared memory."""
+                C: int, r: int, wide: bool = False) -> None:
+    """A clear error, before launching, when the tiles cannot fit the GPU's shared memory."""
     if _INTERPRETED or device.type != "cuda":
         return
-    need, limit = _tile_shared_bytes(block_m, block_c, block_r, dtype), _shared_limit(device)
+    need, limit = _tile_shared_bytes(block_m, block_c, block_r, dtype, wide), _shared_limit(device)
     if need > limit:
         raise ValueError(
-            f"prompt_add with backend='triton' holds whole rows in its GPU tiles: {C} channels with rank r = {r} "
-            f"in {str(dtype).replace('torch.', '')} need {need} bytes of shared memory per block and this GPU "
-            f"has {limit}. Use backend='cuda' (or 'auto') for rows this wide")
+            f"prompt_add with backend='triton': tiles of {block_c} channels ({C} channels, rank r = {r}, "
+            f"{str(dtype).replace('torch.', '')}) need {need} bytes of shared memory per block and this GPU "
+            f"has {limit}. Use backend='cuda' (or 'auto')")
 
 
-def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps) of the token-tile kernels.
+def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps, wide) of the token-tile kernels.
 
-    One warp per 2048 elements of the tile for 16-bit inputs, per 1024 for 32/64-bit ones: with
-    2048 a float32 tile of C = 768 needs more than 255 registers per thread on sm_80/sm_90 and
-    spills (``python -m sa2vp_kernels.triton.aot`` reports registers and spills per configuration).
+    Whole rows (BLOCK_C >= C) unless their tiles need more shared memory than _WIDE_SHARED; then
+    ``wide`` and chunks of BLOCK_C channels. One warp per 2048 elements of the tile for 16-bit inputs,
+    per 1024 for 32/64-bit ones: with 2048 a float32 tile of C = 768 needs more than 255 registers per
+    thread on sm_80/sm_90 and spills (``python -m sa2vp_kernels.triton.aot`` reports registers and
+    spills per configuration).
     """
-    block_c = triton.next_power_of_2(C)
-    block_r = max(16, triton.next_power_of_2(r))
     block_m = 16
+    block_r = max(16, triton.next_power_of_2(r))
+    block_c = triton.next_power_of_2(C)
+    wide = _tile_shared_bytes(block_m, block_c, block_r, dtype) > _WIDE_SHARED
+    if wide:
+        chunk = max(16, _CHUNK_SHARED // ((block_m + block_r) * dtype.itemsize))
+        block_c = min(block_c, 1 << (chunk.bit_length() - 1))
     per_warp = 2048 if dtype.itemsize < 4 else 1024
     num_warps = min(16, max(4, block_m * block_c // per_warp))
-    return block_m, block_c, block_r, num_warps
+    return block_m, block_c, block_r, num_warps, wide
 
 
 def _cols_blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -292,11 +463,11 @@ def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weig
     mean = torch.empty((M,), dtype=stat, device=message.device)
     rstd = torch.empty((M,), dtype=stat, device=message.device)
     z = torch.empty((M, r), dtype=stat, device=message.device)
-    block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
-    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r)
+    block_m, block_c, block_r, num_warps, wide = _row_blocks(C, r, message.dtype)
+    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r, wide)
     inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
     has_deep = deep is not None
-    wrap_triton(_fwd_kernel)[(triton.cdiv(M, block_m),)](
+    wrap_triton(_fwd_wide_kernel if wide else _fwd_kernel)[(triton.cdiv(M, block_m),)](
         target, message, out, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias,
         deep if has_deep else message, deep_scale if has_deep else norm_weight, M, N, C, r,
         target.stride(0), target.stride(1), message.stride(0), message.stride(1),
@@ -320,9 +491,9 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
 
     grad_message = torch.empty((B, N, C), dtype=message.dtype, device=dev)
     gz = torch.empty((M, r), dtype=stat, device=dev)
-    block_m, block_c, block_r, num_warps = _row_blocks(C, r, message.dtype)
-    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r)
-    wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
+    block_m, block_c, block_r, num_warps, wide = _row_blocks(C, r, message.dtype)
+    _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r, wide)
+    wrap_triton(_bwd_rows_wide_kernel if wide else _bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
         grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
         key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
