@@ -58,14 +58,19 @@ if (( tests_budget >= 20 )); then
   # with pytest-xdist a test that crashes the interpreter takes down one worker, not the whole run
   "$PY" -c "import xdist" 2>/dev/null && opts+=(-n 4)
   t=$(date +%s)
-  timeout "$tests_budget" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider ${opts[@]+"${opts[@]}"} \
+  # The compiled kernels' tests first (their first run on a GPU), then the rest. One line per test
+  # (-v): if the time limit cuts the run, the results so far are still in the log.
+  timeout "$tests_budget" "$PY" -m pytest -m gpu tests/test_local_attention_cuda.py tests/test_prompt_add.py \
+    tests/test_prompt_map.py tests -v -rfE -p no:cacheprovider ${opts[@]+"${opts[@]}"} \
     -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
   rc=$?
   tests=$(grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)" "$OUT/pytest-gpu.log" | tail -n 1)
   tests="${tests:-no pytest summary} (rc $rc, $(( $(date +%s) - t )) s)"
   (( rc == 124 )) && tests="$tests, CUT at the time limit"
   (( rc > 128 )) && tests="$tests, pytest CRASHED (signal $(( rc - 128 )))"
-  grep -E "^(FAILED|ERROR) |crashed while running|Fatal Python error" "$OUT/pytest-gpu.log" | head -n 20
+  passed=$(grep -c " PASSED" "$OUT/pytest-gpu.log"); failed=$(grep -c " FAILED" "$OUT/pytest-gpu.log")
+  tests="$tests; lines: $passed PASSED, $failed FAILED"
+  grep -E "^(FAILED|ERROR) | FAILED|crashed while running|Fatal Python error" "$OUT/pytest-gpu.log" | head -n 20
 else
   tests="not run: no time left"
 fi
