@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 
@@ -558,13 +559,24 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// The current device's opt-in shared memory per block: 227 KiB on H100/H200, 163 KiB on A100, 99 KiB
+// on sm_86/89. Queried once per device (the launches are on the host's critical path).
+int64_t optin_shared_per_block() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices];
+  const int device = c10::cuda::current_device();
+  int value = device < kDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (device < kDevices) cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
 // Warps per block for a kernel whose warps each need `per_warp` bytes of shared memory.
 int warps_for(int64_t per_warp, const char* what) {
   constexpr int64_t kBudget = 96 * 1024;
-  // The device's opt-in limit per block: 227 KiB on H100/H200, 163 KiB on A100, 99 KiB on sm_86/89.
-  int max_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  const int64_t max_per_block = max_optin;
+  const int64_t max_per_block = optin_shared_per_block();
   TORCH_CHECK(per_warp <= max_per_block, what, ": the number of channels is too large for the CUDA kernels on this "
               "device (", per_warp, " bytes of shared memory per warp, the device allows ", max_per_block,
               " per block)");
