@@ -292,6 +292,10 @@ def main(argv=None) -> int:
         print(f"no results files in {RESULTS_DIR}", file=sys.stderr)
         return 1
     for f in files:
+        data = json.loads(Path(f).read_text())
+        if not isinstance(data, dict) or "records" not in data:
+            print(f"{f}: not a benchmark results file (no records), skipped", file=sys.stderr)
+            continue
         written = report(f, args.out_dir, make_plot=not args.no_plot)
         print(f"{f}: wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
         if args.summary:
