@@ -26,6 +26,7 @@ Block sizes come from a small deterministic heuristic, no autotuning.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -392,7 +393,15 @@ def _tile_shared_bytes(block_m: int, block_c: int, block_r: int, dtype: torch.dt
 
 
 def _shared_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
+    """Opt-in shared memory per block of a CUDA device (looked up once per device: launches are on the
+    host's critical path)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_limit_of(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limit_of(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", _A100_SHARED))
 
 
