@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of sa2vp-kernels in one go (about 8 minutes on an H100, the build included):
+# GPU check of sa2vp-kernels in one go (about 7 minutes on an H100, the build included):
 #   1. build the extension in place for the card and check that `import sa2vp_kernels` works;
-#   2. run the GPU tests (`pytest -m gpu tests`, each test under a time limit);
+#   2. run the GPU tests (`pytest -m gpu tests`, each test under a 60 s limit; each failure's report is
+#      written to failures.log as it happens);
 #   3. benchmark every op and the SA2VP model against the alternatives (bench/run_gpu.py);
 #   4. write Markdown tables and a plot (bench/report.py) and print a summary last.
 # Everything lands in $OUT (logs, <device>-<date>.json/.md/.png); the results also go to bench/results/.
@@ -10,9 +11,10 @@
 #
 # Environment: PYTHON (default python3), OUT (default bench/results/gpu-check-<time>),
 # SA2VP_GPU_BUDGET (seconds for the whole script, default 470), TORCH_CUDA_ARCH_LIST (default 9.0),
-# MAX_JOBS (default 16), SA2VP_SKIP_BUILD=1 (use the extension already built), SA2VP_BENCH_ARGS (extra
-# arguments of bench/run_gpu.py, e.g. "--sections attention,prompt_add").  Needs no network and no
-# virtual environment.
+# MAX_JOBS (default 16), SA2VP_TEST_WORKERS (pytest-xdist workers, default 8), SA2VP_SKIP_BUILD=1 (use
+# the extension already built), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g.
+# "--sections attention,prompt_add"). Needs no network and no virtual environment.
+# To re-run only some tests with their failure reports: bash bench/gpu_rerun.sh FILE_OF_NODE_IDS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -51,16 +53,18 @@ print("import sa2vp_kernels: ok | extension loaded:", sk.extension_available(), 
   || echo "import sa2vp_kernels FAILED"
 
 echo "== GPU tests"
-tests_budget=$(clamp $(( $(left) - 190 )) 0 150)
+tests_budget=$(clamp $(( $(left) - 170 )) 0 180)
 if (( tests_budget >= 20 )); then
   opts=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=90)
+  # a hung test fails after 60 s instead of holding the run until the time limit
+  "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=60)
   # with pytest-xdist a test that crashes the interpreter takes down one worker, not the whole run
-  "$PY" -c "import xdist" 2>/dev/null && opts+=(-n 4)
+  "$PY" -c "import xdist" 2>/dev/null && opts+=(-n "${SA2VP_TEST_WORKERS:-8}")
   t=$(date +%s)
   # The compiled kernels' tests first (their first run on a GPU), then the rest. One line per test
   # (-v): if the time limit cuts the run, the results so far are still in the log.
-  timeout "$tests_budget" "$PY" -m pytest -m gpu tests/test_local_attention_cuda.py tests/test_prompt_add.py \
+  # each failure's report is written as it happens (tests/conftest.py), so a cut run keeps them
+  SA2VP_FAILURE_LOG="$OUT/failures.log" timeout "$tests_budget" "$PY" -m pytest -m gpu tests/test_local_attention_cuda.py tests/test_prompt_add.py \
     tests/test_prompt_map.py tests -v -rfE -p no:cacheprovider ${opts[@]+"${opts[@]}"} \
     -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
   rc=$?
@@ -84,6 +88,10 @@ json=$(ls -t "$OUT"/*.json 2>/dev/null | head -n 1)
 echo "== summary ($(( $(date +%s) - T0 )) s in all; logs and results in $OUT)"
 echo "build: $build"
 echo "GPU tests: $tests"
+if [ -s "$OUT/failures.log" ]; then
+  echo "failures (first lines of each; all of them in failures.log):"
+  awk '/^==== /{n=0} {if (n++ < 6) print substr($0, 1, 300)}' "$OUT/failures.log" | head -n 60
+fi
 if [ -n "$json" ]; then
   "$PY" bench/report.py "$json" >/dev/null 2>"$OUT/report.err" || cat "$OUT/report.err"
   rm -f "$OUT/report.err"

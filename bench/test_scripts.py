@@ -114,3 +114,27 @@ def test_tune_section_restores_the_defaults(tmp_path):
     assert len(labels) == len(plan.tune_prompt_add) + len(plan.tune_attention)
     assert sum(label.endswith("default") for label in labels) == 2
     assert "triton w8 dc16" in labels and all(r["ms"] > 0 for r in records)
+
+
+def test_gpu_rerun_script_runs_a_list_of_tests(tmp_path):
+    """bench/gpu_rerun.sh splits the ids (Triton ones first), runs them and writes its logs; here the
+    GPU tests skip, and a deliberately failing id shows that failures are collected as they happen."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    failing = tmp_path / "test_fails.py"
+    (tmp_path / "conftest.py").write_text((root / "tests" / "conftest.py").read_text())  # the failure log
+    failing.write_text("def test_fails_on_purpose():\n    assert 1 == 2, 'planted failure'\n")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("tests/test_prompt_map.py::test_gpu_backward_is_deterministic[triton]\n"
+                   f"{failing}::test_fails_on_purpose\n\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_rerun.sh"), str(ids)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "pytest-triton.log").exists() and (out / "pytest-other.log").exists()
+    assert "planted failure" in (out / "failures.log").read_text()
+    assert "other tests (rc 1): 0 passed, 1 failed" in proc.stdout, proc.stdout

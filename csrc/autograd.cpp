@@ -12,6 +12,8 @@
 
 #include <tuple>
 
+#include "checks.h"
+
 namespace sa2vp {
 namespace {
 
@@ -67,6 +69,15 @@ struct LocalAttnFunction : public torch::autograd::Function<LocalAttnFunction> {
 std::tuple<Tensor, Tensor> local_attn_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t grid_h,
                                                    int64_t grid_w, int64_t window, int64_t num_prefix,
                                                    bool zero_border, double scale) {
+  // The arguments are checked here, before any backend runs, on concrete shapes (symbolic ones, while
+  // torch.compile traces, are left to the kernels' fake implementations). On a GPU the CUDA kernel's own
+  // check of a wrong N took the process down with a segmentation fault instead of raising (seen on an
+  // H100 and an H200, 2026-11-27); raising from here keeps bad arguments away from that path.
+  if (!q.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      !k.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+      !v.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    check_local_attn_args(q, k, v, grid_h, grid_w, window, num_prefix);
+  }
   auto r = LocalAttnFunction::apply(q, k, v, grid_h, grid_w, window, num_prefix, zero_border, scale);
   return {r[0], r[1]};
 }

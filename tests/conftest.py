@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# SA2VP_FAILURE_LOG=path: each failing test's report is appended to that file as soon as it fails, so
+# a run cut short by a time limit (bench/gpu_check.sh on a lent GPU) still leaves its failures behind.
+_FAILURE_LOG = os.environ.get("SA2VP_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    # (under pytest-xdist the controller writes: it also reports a worker that crashed)
+    if not _FAILURE_LOG or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(_FAILURE_LOG, "a") as f:
+        f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")

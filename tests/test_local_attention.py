@@ -258,3 +258,10 @@ def test_cpp_op_rejects_bad_arguments_itself():
         torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, 2, 3, 4, 1, False, 0.3)
     with pytest.raises(RuntimeError, match="num_prefix"):
         torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, 2, 4, 3, 1, False, 0.3)
+    # the autograd layer checks before any backend: meta tensors, whose kernel checks nothing, raise too
+    # (a CUDA kernel's own check of a wrong N crashed the process on the GPU machines)
+    qm, km, vm = (t.to("meta") for t in (q, k, v))
+    with pytest.raises(RuntimeError, match=r"N\) must equal num_prefix"):
+        torch.ops.sa2vp_kernels.local_attn_fwd(qm, km, vm, 2, 4, 3, 1, False, 0.3)
+    out, lse = torch.ops.sa2vp_kernels.local_attn_fwd(qm, km, vm, 2, 3, 3, 1, False, 0.3)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]

@@ -48,6 +48,24 @@ def test_every_launch_compiles_for_sm90(sm90):
     assert all(r["arch"] == 90 and r["registers"] > 0 and r["shared"] <= 232448 for r in rows)
 
 
+def test_float_arguments_reach_the_gpu_unrounded(sm90):
+    """A Python float becomes a float32 kernel argument on a GPU (the interpreter keeps the double):
+    every float the launchers pass either fits float32 exactly or goes to a ``tl.float64`` parameter.
+    (Missing, a float64 prompt_add on a GPU used scale, eps and 1 / (1 - p) rounded to float32.)"""
+    _, rows = sm90
+    lossy = [f"{r['op']} / {r['case']} / {r['kernel']}: {r['lossy_floats']}" for r in rows if r["lossy_floats"]]
+    assert not lossy, "\n".join(lossy)
+
+
+def test_no_float32_dot_runs_in_tf32(sm90):
+    """Every dot on float32 operands is exact (FMAs): none in TF32, explicit or made by the compiler.
+    (Triton 3.6 turns a broadcast-and-sum over 16 or more channels into a TF32 dot on its own; the
+    Triton of this environment may not, so this guards the package on the GPU machines' Triton.)"""
+    _, rows = sm90
+    tf32 = [f"{r['op']} / {r['case']} / {r['kernel']}: {r['tf32_dots']}" for r in rows if r["tf32_dots"]]
+    assert not tf32, "\n".join(tf32)
+
+
 def test_every_kernel_is_covered(sm90):
     _, rows = sm90
     for op, filename in OPS.items():

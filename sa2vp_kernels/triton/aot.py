@@ -65,6 +65,12 @@ class Result:
     constexprs: dict = field(default_factory=dict)
     dtype: str = ""  # of the first tensor argument
     error: str = ""
+    # float arguments a GPU launch would round: a Python float goes to the kernel as float32 unless its
+    # parameter is annotated tl.float64 (the interpreter keeps the full double, so only this sees it)
+    lossy_floats: list = field(default_factory=list)
+    # tl.dot operations the compiler runs in TF32 (Triton 3.6 turns some broadcast-and-sum reductions of
+    # float32 into dots in TF32 on its own; every dot of this package is meant to be exact)
+    tf32_dots: int = 0
 
     @property
     def fits(self) -> bool:
@@ -265,11 +271,31 @@ def compile_launch(launch: Launch, arch: int) -> Result:
         names = [p.name for p in fn.params]
         result.constexprs = {names[path[0]]: value for path, value in constexprs.items()
                              if len(path) == 1 and isinstance(value, (int, float, bool))}
+        # (16-bit operands carry the attribute too, where it changes nothing: only float32 ones count)
+        result.tf32_dots = len(re.findall(r"inputPrecision = tf32 : tensor<[0-9x]+xf32\b",
+                                          compiled.asm.get("ttgir", "")))
         result.ok = True
     except Exception as exc:  # reported, not raised: one failing config must not hide the others
         result.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    result.lossy_floats = lossy_float_args(launch)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def lossy_float_args(launch: Launch) -> list[str]:
+    """Names of the parameters that receive a Python float that float32 cannot hold exactly, without
+    a ``tl.float64`` annotation: on a GPU (not in the interpreter) the kernel would see it rounded."""
+    import numpy as np
+    params = launch.kernel.params
+    values = dict(zip((p.name for p in params), launch.args))
+    values.update(launch.kwargs)
+    lossy = []
+    for p in params:
+        v = values.get(p.name)
+        if (isinstance(v, float) and not p.is_constexpr and p.annotation_type != "fp64"
+                and float(np.float32(v)) != v):
+            lossy.append(p.name)
+    return lossy
 
 
 def record(quick: bool = False, ops: tuple[str, ...] = ("local_cross_attention", "prompt_add", "prompt_map")):
@@ -337,16 +363,23 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
         os.replace(tmp, args.json)
     bad = [r for r in results if not r.fits]
+    lossy = [r for r in results if r.lossy_floats]
+    tf32 = [r for r in results if r.tf32_dots]
     spilled = [r for r in results if r.ok and r.spill_stores > 0]
     print(f"{len(results)} kernel configurations, {len(bad)} failed or over the shared-memory limit, "
-          f"{len(spilled)} with register spills")
+          f"{len(spilled)} with register spills, {len(lossy)} rounding float arguments to float32, "
+          f"{len(tf32)} with TF32 dots")
+    for r in lossy:
+        print(f"  float32 rounding: {r.op} / {r.case} / {r.kernel}: {', '.join(r.lossy_floats)}")
+    for r in tf32:
+        print(f"  TF32 dots: sm_{r.arch} {r.op} / {r.case} / {r.kernel}: {r.tf32_dots}")
     for r in bad:
         print(f"  sm_{r.arch} {r.op} / {r.case} / {r.kernel}: "
               + (r.error.splitlines()[0] if r.error else f"shared {r.shared} > {r.shared_limit}"))
     for r in spilled:
         print(f"  spills: sm_{r.arch} {r.op} / {r.case} / {r.kernel}: {r.spill_stores} B stores, "
               f"{r.spill_loads} B loads, {r.registers} registers")
-    return 1 if bad else 0
+    return 1 if bad or lossy or tf32 else 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ autotuning), so the interpreter and the GPU run the same configuration.
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +55,10 @@ _NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _scale(scale_hi, scale_lo, FP64: tl.constexpr):
-    """The score scale in the accumulator dtype; its dtype is what every kernel accumulates in."""
-    return tl.full([], scale_hi, tl.float64 if FP64 else tl.float32) + scale_lo
+def _scale(scale, FP64: tl.constexpr):
+    """The score scale in the accumulator dtype; its dtype is what every kernel accumulates in. (The
+    kernels declare ``scale: tl.float64``: a plain Python float argument is float32 on a GPU.)"""
+    return tl.full([], scale, tl.float64 if FP64 else tl.float32)
 
 
 @triton.jit
@@ -194,12 +194,12 @@ def _fwd_grid_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
 def _local_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                            H, N, T, gh, gw, rad, ry, rx, n_prefix_programs, BHG,
-                           scale_hi, scale_lo,
+                           scale: tl.float64,
                            ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, BLOCK_Q: tl.constexpr,
                            BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                            STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
@@ -291,11 +291,11 @@ def _local_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta
                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                               sdob, sdoh, sdon, sob, soh, son,
                               H, N, T, gh, gw, ry, rx, n_prefix_programs, BHG,
-                              scale_hi, scale_lo,
+                              scale: tl.float64,
                               FP64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -403,11 +403,11 @@ def _bwd_kv_grid_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
 def _local_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                                 H, N, T, gh, gw, ry, rx, n_prefix_programs, BHT, BHG,
-                                scale_hi, scale_lo,
+                                scale: tl.float64,
                                 FP64: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
                                 BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         _bwd_kv_prefix_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pid,
                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -522,13 +522,13 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
 def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                 n_prefix_programs, scale_hi, scale_lo,
+                                 n_prefix_programs, scale: tl.float64,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                  STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
@@ -605,13 +605,13 @@ def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr,
                                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                     sdob, sdoh, sdon, sob, soh, son,
                                     H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                    n_prefix_programs, scale_hi, scale_lo,
+                                    n_prefix_programs, scale: tl.float64,
                                     FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                                     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                     STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -697,13 +697,13 @@ def _bwd_kv_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 def _local_attn_bwd_dkdv_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                                       H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                      n_prefix_programs, BHT, scale_hi, scale_lo,
+                                      n_prefix_programs, BHT, scale: tl.float64,
                                       FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
                                       BLOCK_Q: tl.constexpr, PREFIX_ROWS: tl.constexpr,
                                       D: tl.constexpr, BLOCK_D: tl.constexpr,
                                       BLOCK_DC: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale_hi, scale_lo, FP64)
+    sc = _scale(scale, FP64)
     if pid < n_prefix_programs:
         _bwd_kv_prefix_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pid,
                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -825,12 +825,6 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
                      stages=2)
 
 
-def _split_scale(scale: float) -> tuple[float, float]:
-    """``scale`` as float32 ``hi + lo`` (kernels take float32 scalars; float64 runs add both)."""
-    hi = struct.unpack("f", struct.pack("f", scale))[0]
-    return hi, scale - hi
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -880,14 +874,13 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
     cfg = _fwd_config(D, q.dtype)
     plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
     args = (q, k, v, out, lse, *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, ry, rx)
-    scale_hi, scale_lo = _split_scale(scale)
     common = dict(ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, BLOCK_N=cfg.block_n,
                   D=D, BLOCK_D=cfg.block_d)
     if plan is not None:
         _launch(
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),), *args,
             plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
-            scale_hi, scale_lo, **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
+            scale, **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.num_warps,
         )
@@ -895,7 +888,7 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
         bhg = B * H * grid_h * grid_w
         _launch(
             _local_attn_fwd_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
-            n_prefix_programs, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q,
+            n_prefix_programs, bhg, scale, **common, BLOCK_Q=cfg.block_q,
             STAGES=cfg.stages, num_warps=cfg.num_warps,
         )
     return out, lse
@@ -932,7 +925,6 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     ry, rx = min(rad, grid_h - 1), min(rad, grid_w - 1)
     bhg = B * H * grid_h * grid_w
     bht = B * H * num_prefix
-    scale_hi, scale_lo = _split_scale(scale)
     cfg = _bwd_config(D, q.dtype)
     fp64 = q.dtype == torch.float64
     ieee = q.dtype == torch.float32
@@ -944,7 +936,7 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     if plan is not None:
         _launch(
             _local_attn_bwd_dq_tiled_kernel, (bht + B * H * plan.tiles(grid_h),), *args,
-            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, scale_hi, scale_lo,
+            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, scale,
             **common, IEEE=ieee, BLOCK_Q=plan.block, BLOCK_K=plan.block_halo,
             BLOCK_DC=plan.block_dc, STAGES=plan.stages, PREFIX_STAGES=_PREFIX_STAGES,
             num_warps=plan.num_warps,
@@ -952,7 +944,7 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     else:
         _launch(
             _local_attn_bwd_dq_kernel, (bht + triton.cdiv(bhg, cfg.block_q),), *args,
-            bht, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
+            bht, bhg, scale, **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
             num_warps=cfg.num_warps,
         )
 
@@ -965,14 +957,14 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         _launch(
             _local_attn_bwd_dkdv_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),),
             *args, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols,
-            n_prefix_programs, bht, scale_hi, scale_lo, **common, IEEE=ieee, BLOCK_K=plan.block,
+            n_prefix_programs, bht, scale, **common, IEEE=ieee, BLOCK_K=plan.block,
             BLOCK_Q=plan.block_halo, PREFIX_ROWS=cfg.block_q, BLOCK_DC=plan.block_dc,
             STAGES=plan.stages, num_warps=plan.num_warps,
         )
     else:
         _launch(
             _local_attn_bwd_dkdv_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
-            n_prefix_programs, bht, bhg, scale_hi, scale_lo, **common, BLOCK_Q=cfg.block_q,
+            n_prefix_programs, bht, bhg, scale, **common, BLOCK_Q=cfg.block_q,
             STAGES=cfg.stages, num_warps=cfg.num_warps,
         )
     return dq, dk, dv

@@ -147,11 +147,15 @@ def _grad_ln_terms(gz, cols, col_ok, tile_ok, x_rows, rr, r_ok, message_ptr, nw_
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
-                uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
-                scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr, uw_ptr,
+                ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn, scale: tl.float64,
+                eps: tl.float64, inv_keep: tl.float64, threshold, key_h, key_o, HAS_DEEP: tl.constexpr,
+                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
+    scale = tl.full([], scale, acc_ty)
+    eps = tl.full([], eps, acc_ty)
+    inv_keep = tl.full([], inv_keep, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -185,11 +189,14 @@ def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
-                     M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep, threshold, key_h,
-                     key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr, M, N,
+                     C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64, inv_keep: tl.float64,
+                     threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
+    scale = tl.full([], scale, acc_ty)
+    inv_keep = tl.full([], inv_keep, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -221,11 +228,16 @@ def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, d
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
                      uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
-                     scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                     scale: tl.float64, eps: tl.float64, inv_keep: tl.float64, threshold, key_h, key_o,
+                     HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the message read three
     times (mean, variance and down projection) and the output written chunk by chunk."""
     acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
+    scale = tl.full([], scale, acc_ty)
+    eps = tl.full([], eps, acc_ty)
+    inv_keep = tl.full([], inv_keep, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     x_rows = b * stride_mb + n * stride_mn
@@ -275,12 +287,15 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
-                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep, threshold,
-                          key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64,
+                          inv_keep: tl.float64, threshold, key_h, key_o, DROPOUT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, then the LayerNorm
     sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz)."""
     acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
+    scale = tl.full([], scale, acc_ty)
+    inv_keep = tl.full([], inv_keep, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     g_rows = b * stride_gb + n * stride_gn
@@ -323,11 +338,14 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr,
-                     M, N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale, inv_keep,
-                     threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr, M,
+                     N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64,
+                     inv_keep: tl.float64, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
+    scale = tl.full([], scale, acc_ty)
+    inv_keep = tl.full([], inv_keep, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)

@@ -134,7 +134,13 @@ def _bwd_rows_kernel(grad_ptr, embed_ptr, weight_ptr, res_ptr, d_res_ptr,
                     other=0.0)
         w = tl.load(weight_ptr + offs_c[:, None] * R + offs_r[None, :], mask=mask_c[:, None] & mask_r[None, :],
                     other=0.0)
-        d += tl.sum(_to_acc(g, FP64)[:, :, None] * _to_acc(w, FP64)[None, :, :], axis=1)
+        if FP64:
+            d += tl.sum(g.to(tl.float64)[:, :, None] * w.to(tl.float64)[None, :, :], axis=1)
+        else:
+            # An explicit dot: Triton 3.6 rewrites a broadcast-and-sum of this shape into a dot in
+            # TF32 (about 1e-3 relative error in float32). Here 16-bit operands stay 16-bit (exact
+            # products, float32 sums) and float32 ones use full-precision FMAs.
+            d += tl.dot(g, w, input_precision="ieee", out_dtype=tl.float32)
     tl.store(d_res_ptr + nr, d, mask=nr_mask)
 
 
@@ -276,10 +282,14 @@ def prompt_map_bwd_triton(grad_out: torch.Tensor, embed: torch.Tensor, weight: t
     d_weight = torch.empty_like(weight)
     d_bias = torch.empty((C,), device=embed.device, dtype=weight.dtype)
     block_r = triton.next_power_of_2(R)
+    # float64: a (BLOCK_N, BLOCK_C, BLOCK_R) product summed over channels; otherwise a tl.dot, whose
+    # operands need 16 or more rows, columns and channels.
+    rows_block_r = block_r if fp64 else max(16, block_r)
+    rows_block_c = _block_c(C, _BLOCK_N, block_r) if fp64 else max(16, min(64, triton.next_power_of_2(C)))
     _launch(
         _bwd_rows_kernel, (triton.cdiv(N, _BLOCK_N),),
         grad_out, embed, weight, res, d_res, N, R, C, num_prefix, grid_h, grid_w, embed_h, embed_w,
-        FP64=fp64, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, BLOCK_C=_block_c(C, _BLOCK_N, block_r),
+        FP64=fp64, BLOCK_N=_BLOCK_N, BLOCK_R=rows_block_r, BLOCK_C=rows_block_c,
     )
     block_c = min(32, triton.next_power_of_2(C))
     block_n = max(1, min(16, _pow2_at_most(_TILE // (block_c * block_r))))
