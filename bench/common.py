@@ -611,6 +611,38 @@ def time_fn(fn: Callable, device, *, warmup_ms: float = 25, rep_ms: float = 100)
     return {"ms": float(statistics.median(times)), "ms_q1": float(q1), "ms_q3": float(q3), "ms_min": min(times)}
 
 
+def profile_kernels(fn: Callable, device, *, iters: int = 10) -> dict:
+    """Device kernels of ``fn`` (torch.profiler): per kernel name the calls and ms per call of ``fn``,
+    sorted by time, with the total kernel time and the wall time per call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        wall = (time.perf_counter() - t0) * 1e3 / iters
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0)
+        if cuda and us > 0 and evt.device_type != torch.autograd.DeviceType.CPU:
+            kernels.append((evt.key, int(round(evt.count / iters)), us / 1e3 / iters))
+    if not cuda:  # on a CPU the operators stand in for kernels
+        kernels = [(e.key, int(round(e.count / iters)), e.self_cpu_time_total / 1e3 / iters)
+                   for e in prof.key_averages() if e.self_cpu_time_total > 0 and e.key.startswith("sa2vp")]
+    kernels.sort(key=lambda k: -k[2])
+    return {"kernels": kernels, "kernel_ms": sum(k[2] for k in kernels), "wall_ms": wall}
+
+
 def time_cuda_graph(fn: Callable, device, *, rep_ms: float = 10, samples: int = 5, max_calls: int = 200) -> dict:
     """Median and minimum time of ``fn`` in ms from replays of a CUDA graph of many unrolled calls.
 

@@ -186,13 +186,30 @@ def markdown(results: dict) -> str:
     ratios = ratio_table(results.get("ratios", []))
     if ratios:
         lines += ["### Speed-ups", ""] + ratios + [""]
+    prof = profile_table(results.get("profile", []))
+    if prof:
+        lines += ["### Kernel profile (one fwd+bwd call, torch.profiler; ms per call)", ""] + prof + [""]
     problems = [f"- {r['section']} {r['case']} {r['provider']} {r['pass']}: {r['error']}"
                 for r in records if r.get("error")]
+    problems += [f"- profile {r['section']} {r['case']} {r['provider']}: {r['error']}"
+                 for r in results.get("profile", []) if r.get("error")]
     problems += [f"- skipped {s['section']} {s['what']}: {s['reason']}" for s in results.get("skipped", [])]
     problems += [f"- section {k} failed: {v.strip().splitlines()[-1]}" for k, v in results.get("errors", {}).items()]
     if problems:
         lines += ["### Errors and skipped items", ""] + problems + [""]
     return "\n".join(lines)
+
+
+def profile_table(profiles: list, top: int = 6) -> list:
+    """Per profiled call: wall time, total kernel time and its largest kernels."""
+    rows = []
+    for p in profiles:
+        if p.get("error"):
+            continue
+        kernels = "; ".join(f"{name[:60]} {ms:.4f} x{calls}" for name, calls, ms in p["kernels"][:top])
+        rows.append((p["section"], p["case"], p["provider"], f"{p['wall_ms']:.4f}", f"{p['kernel_ms']:.4f}",
+                     kernels or "-"))
+    return _table(("section", "case", "provider", "wall", "kernels", "largest kernels (ms, calls)"), rows) if rows else []
 
 
 def summary(results: dict) -> str:

@@ -69,8 +69,9 @@ class Plan:
     tune_prompt_add: tuple = ((16, 8), (16, 16), (32, 16))
     tune_attention: tuple = ((0, 0), (2, 0), (4, 0), (16, 0), (0, 32), (0, 128), (4, 128))
     shares: dict = field(default_factory=lambda: {
-        "attention": 0.3, "prompt_add": 0.2, "prompt_map": 0.1, "end_to_end": 0.3, "tune": 0.35,
-        "end_to_end_swin": 0.3, "scaling": 0.4, "windows": 0.4, "graphs": 0.6, "end_to_end_large": 1.0})
+        "attention": 0.3, "prompt_add": 0.2, "prompt_map": 0.1, "end_to_end": 0.3, "profile": 0.15,
+        "graphs": 0.3, "tune": 0.35,
+        "end_to_end_swin": 0.3, "scaling": 0.4, "windows": 0.5, "end_to_end_large": 1.0})
 
     @classmethod
     def tiny(cls) -> "Plan":
@@ -530,6 +531,50 @@ def section_graphs(run: Run) -> None:
         run.free()
 
 
+def section_profile(run: Run) -> None:
+    """Kernels of one fwd+bwd call, by device time (torch.profiler): where the time of each fused op goes,
+    and how much of an eager call is not kernel time at all (host launch overhead, gaps)."""
+    common = run.common
+    torch = common.torch
+    dtype = getattr(torch, run.plan.dtype_name)
+    B, N, C, r = run.plan.prompt_add[0]
+    jobs = []
+    for provider in common.kernel_backends(run.device) + ("unfused",):
+        case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=run.plan.dropout_ps[-1], dtype=dtype)
+        jobs.append(("prompt_add", case, provider,
+                     lambda provider=provider, case=case: common.prompt_add_workload(provider, case, run.device)))
+    for provider in common.kernel_backends(run.device):
+        case = _attn_case(run, *run.plan.layouts[0], run.plan.grid)
+        jobs.append(("attention", case, provider, _attn_make(run, provider, case)))
+    run.results.setdefault("profile", [])
+    for section, case, provider, make in jobs:
+        if run.args.providers and provider not in run.args.providers:
+            continue
+        if run.over():
+            run.skip("profile", f"{section} {provider} {case.label}", "over the section's time budget")
+            continue
+        rec = {"section": section, "case": case.label, "provider": provider, "pass": "fwd+bwd"}
+        try:
+            fn = make().runner("fwd+bwd")
+            iters = 10
+            rec.update(common.profile_kernels(fn, run.device, iters=iters))
+        except Exception as exc:
+            rec["error"] = _short(exc)
+            run.check_alive()
+        run.results["profile"].append(rec)
+        run.flush()
+        if rec.get("error"):
+            run.log(f"   {provider:<17} {section} {case.label}: ERROR {rec['error'][:160]}")
+        else:
+            run.log(f"   {provider:<17} {section} {case.label}: {rec['kernel_ms']:.4f} ms of kernels in "
+                    f"{rec['wall_ms']:.4f} ms per call")
+            for name, calls, ms in rec["kernels"][:8]:
+                run.log(f"      {ms:8.4f} ms  {calls:3d}x  {name[:110]}")
+        if not run.alive:
+            return
+        run.free()
+
+
 def _time_tuned(run: Run, section: str, case, provider: str, make, pass_: str = "fwd") -> None:
     """One configuration of a sweep: CUDA-graph time on a GPU (launch overhead left out), else eager."""
     common = run.common
@@ -613,10 +658,11 @@ def section_tune(run: Run) -> None:
                 tla._tile_plan = default_plan
 
 
-# In order of need: the op benchmarks and the model step first, then the sweeps that guide tuning and
-# the Swin step (none of which fit the time of the first H100 run, where they came last), then the rest.
-SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "tune", "end_to_end_swin",
-            "scaling", "windows", "graphs", "end_to_end_large")
+# In order of need: the op benchmarks and the model step first, then what guides tuning (kernel
+# profiles, CUDA-graph timings, sweeps) and the Swin step (none of which fitted the time of the first
+# H100 run, where they came last), then the rest.
+SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "profile", "graphs", "tune",
+            "end_to_end_swin", "scaling", "windows", "end_to_end_large")
 
 
 def run_sections(run: Run, names) -> None:
@@ -626,6 +672,7 @@ def run_sections(run: Run, names) -> None:
         "prompt_add": section_prompt_add,
         "prompt_map": section_prompt_map,
         "end_to_end": lambda r: section_end_to_end(r, r.plan.e2e_first),
+        "profile": section_profile,
         "scaling": section_scaling,
         "windows": section_windows,
         "end_to_end_large": lambda r: section_end_to_end(r, r.plan.e2e_last),

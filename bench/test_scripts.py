@@ -138,3 +138,23 @@ def test_gpu_rerun_script_runs_a_list_of_tests(tmp_path):
     assert (out / "pytest-triton.log").exists() and (out / "pytest-other.log").exists()
     assert "planted failure" in (out / "failures.log").read_text()
     assert "other tests (rc 1): 0 passed, 1 failed" in proc.stdout, proc.stdout
+
+
+def test_profile_section(tmp_path):
+    """The profile section lists, per fused op and provider, the time of one fwd+bwd call and its kernels
+    (on a CPU: the package's operators), and the report shows them."""
+    rc = run_gpu.main(["--dry-run", "--out", str(tmp_path), "--budget", "600", "--sections", "profile",
+                       "--providers", "cpu,unfused"])
+    assert rc == 0
+    (path,) = tmp_path.glob("cpu-tiny-*.json")
+    profiles = json.loads(path.read_text())["profile"]
+    assert {(p["section"], p["provider"]) for p in profiles} == {
+        ("prompt_add", "cpu"), ("prompt_add", "unfused"), ("attention", "cpu")}
+    assert not [p for p in profiles if p.get("error")], profiles
+    assert all(p["wall_ms"] > 0 for p in profiles)
+    ours = [p for p in profiles if p["provider"] == "cpu"]
+    assert all(p["kernels"] and p["kernel_ms"] > 0 for p in ours), ours
+    names = {k[0] for p in ours for k in p["kernels"]}
+    assert {"sa2vp_kernels::prompt_add_fwd", "sa2vp_kernels::prompt_add_bwd"} <= names, names
+    text = report.report(path, make_plot=False)[0].read_text()
+    assert "### Kernel profile" in text and "sa2vp_kernels::prompt_add_bwd" in text
