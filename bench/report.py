@@ -228,6 +228,9 @@ def summary(results: dict) -> str:
     table = ratio_table(ratios)
     if table:
         lines += ["Speed-ups (fwd+bwd, model steps)", ""] + table + [""]
+    prof = profile_table(results.get("profile", []), top=3)
+    if prof:
+        lines += ["Kernel profile (one fwd+bwd call, ms)", ""] + prof + [""]
     n_err = sum(1 for r in records if r.get("error")) + len(results.get("errors", {}))
     lines.append(f"{len(records)} measurements, {n_err} errors, {len(results.get('skipped', []))} skipped items.")
     return "\n".join(lines)

@@ -158,3 +158,4 @@ def test_profile_section(tmp_path):
     assert {"sa2vp_kernels::prompt_add_fwd", "sa2vp_kernels::prompt_add_bwd"} <= names, names
     text = report.report(path, make_plot=False)[0].read_text()
     assert "### Kernel profile" in text and "sa2vp_kernels::prompt_add_bwd" in text
+    assert "Kernel profile" in report.summary(json.loads(path.read_text()))
