@@ -37,3 +37,35 @@ def test_inductor_forward_and_backward_match_eager():
     torch.testing.assert_close(out, want)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_inductor_with_the_triton_kernels_matches_eager(dtype):
+    """Inductor compiles user Triton kernels itself (from their source, with its own argument
+    signature): the compiled function and its gradients must still match eager, float64 included."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, N, C, r = 2, 7, 40, 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=dtype).requires_grad_(True)
+
+    weights = [rnd(C), rnd(C), rnd(r, C), rnd(r), rnd(C, r), rnd(C)]
+    args = (rnd(B, N, C), rnd(B, N, C), rnd(1, 2, 7, 16), rnd(1, 2, 7, 16), rnd(1, 2, 7, 16), rnd(7, r),
+            rnd(C, r))
+
+    def f(target, message, q, k, v, embed, weight):
+        a = sk.prompt_add(target * 2, message, 0.7, *weights, dropout_p=0.3, seed=4, backend="triton")
+        b = sk.local_cross_attention(q * 2, k, v, (2, 3), scale=0.3, backend="triton")
+        c = sk.prompt_map(embed, weight, None, None, (2, 3), backend="triton")
+        return (a * a).sum() + (b * b).sum() + (c * c).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args + tuple(weights))
+    want = f(*args)
+    want_grads = torch.autograd.grad(want, args + tuple(weights))
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)

@@ -50,8 +50,9 @@ def test_every_launch_compiles_for_sm90(sm90):
 
 def test_float_arguments_reach_the_gpu_unrounded(sm90):
     """A Python float becomes a float32 kernel argument on a GPU (the interpreter keeps the double):
-    every float the launchers pass either fits float32 exactly or goes to a ``tl.float64`` parameter.
-    (Missing, a float64 prompt_add on a GPU used scale, eps and 1 / (1 - p) rounded to float32.)"""
+    every float the launchers pass fits float32 exactly (floats needed in float64 travel as float32
+    pairs, sa2vp_kernels/triton/_scalars.py). (A float64 prompt_add on a GPU once used scale, eps and
+    1 / (1 - p) rounded to float32.)"""
     _, rows = sm90
     lossy = [f"{r['op']} / {r['case']} / {r['kernel']}: {r['lossy_floats']}" for r in rows if r["lossy_floats"]]
     assert not lossy, "\n".join(lossy)

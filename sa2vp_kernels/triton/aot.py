@@ -66,7 +66,8 @@ class Result:
     dtype: str = ""  # of the first tensor argument
     error: str = ""
     # float arguments a GPU launch would round: a Python float goes to the kernel as float32 unless its
-    # parameter is annotated tl.float64 (the interpreter keeps the full double, so only this sees it)
+    # parameter is annotated tl.float64, and as float32 under Inductor even then (the interpreter keeps
+    # the full double, so only this sees it)
     lossy_floats: list = field(default_factory=list)
     # tl.dot operations the compiler runs in TF32 (Triton 3.6 turns some broadcast-and-sum reductions of
     # float32 into dots in TF32 on its own; every dot of this package is meant to be exact)

@@ -28,8 +28,8 @@ Offsets are clipped to the grid (``|dy| <= min(r, gh - 1)``), so a window wider 
 nothing extra.
 
 Accumulation is float32 (float64 for float64 inputs; their products skip ``tl.dot``, float32 ones
-use its exact ``"ieee"`` mode). ``scale`` arrives as a float32 pair ``hi + lo`` so that float64
-runs see it to double precision. Block sizes come from small deterministic heuristics (no
+use its exact ``"ieee"`` mode). ``scale`` arrives as a float32 pair ``hi + lo`` (``_scalars.py``):
+float64 runs see it to about 2**-48. Block sizes come from small deterministic heuristics (no
 autotuning), so the interpreter and the GPU run the same configuration.
 """
 from __future__ import annotations
@@ -44,6 +44,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from ._scalars import split_float
+
 # Finite stand-in for -inf in the running maxima: keeps every exp() argument finite (no inf - inf).
 _NEG = tl.constexpr(-1.0e30)
 
@@ -55,10 +57,9 @@ _NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _scale(scale, FP64: tl.constexpr):
-    """The score scale in the accumulator dtype; its dtype is what every kernel accumulates in. (The
-    kernels declare ``scale: tl.float64``: a plain Python float argument is float32 on a GPU.)"""
-    return tl.full([], scale, tl.float64 if FP64 else tl.float32)
+def _scale(scale_hi, scale_lo, FP64: tl.constexpr):
+    """The score scale in the accumulator dtype; its dtype is what every kernel accumulates in."""
+    return tl.full([], scale_hi, tl.float64 if FP64 else tl.float32) + scale_lo
 
 
 @triton.jit
@@ -194,12 +195,12 @@ def _fwd_grid_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
 def _local_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                            H, N, T, gh, gw, rad, ry, rx, n_prefix_programs, BHG,
-                           scale: tl.float64,
+                           scale_hi, scale_lo,
                            ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, BLOCK_Q: tl.constexpr,
                            BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                            STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
@@ -291,11 +292,11 @@ def _local_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta
                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                               sdob, sdoh, sdon, sob, soh, son,
                               H, N, T, gh, gw, ry, rx, n_prefix_programs, BHG,
-                              scale: tl.float64,
+                              scale_hi, scale_lo,
                               FP64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -403,11 +404,11 @@ def _bwd_kv_grid_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
 def _local_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                                 H, N, T, gh, gw, ry, rx, n_prefix_programs, BHT, BHG,
-                                scale: tl.float64,
+                                scale_hi, scale_lo,
                                 FP64: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
                                 BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         _bwd_kv_prefix_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pid,
                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -522,13 +523,13 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
 def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                 n_prefix_programs, scale: tl.float64,
+                                 n_prefix_programs, scale_hi, scale_lo,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                  STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
@@ -605,13 +606,13 @@ def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr,
                                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                     sdob, sdoh, sdon, sob, soh, son,
                                     H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                    n_prefix_programs, scale: tl.float64,
+                                    n_prefix_programs, scale_hi, scale_lo,
                                     FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                                     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                     STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         bh = pid // T
         _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -697,13 +698,13 @@ def _bwd_kv_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 def _local_attn_bwd_dkdv_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                                       H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                      n_prefix_programs, BHT, scale: tl.float64,
+                                      n_prefix_programs, BHT, scale_hi, scale_lo,
                                       FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
                                       BLOCK_Q: tl.constexpr, PREFIX_ROWS: tl.constexpr,
                                       D: tl.constexpr, BLOCK_D: tl.constexpr,
                                       BLOCK_DC: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    sc = _scale(scale, FP64)
+    sc = _scale(scale_hi, scale_lo, FP64)
     if pid < n_prefix_programs:
         _bwd_kv_prefix_tile(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pid,
                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -880,7 +881,7 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
         _launch(
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),), *args,
             plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
-            scale, **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
+            *split_float(scale), **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.num_warps,
         )
@@ -888,7 +889,7 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
         bhg = B * H * grid_h * grid_w
         _launch(
             _local_attn_fwd_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
-            n_prefix_programs, bhg, scale, **common, BLOCK_Q=cfg.block_q,
+            n_prefix_programs, bhg, *split_float(scale), **common, BLOCK_Q=cfg.block_q,
             STAGES=cfg.stages, num_warps=cfg.num_warps,
         )
     return out, lse
@@ -936,7 +937,7 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     if plan is not None:
         _launch(
             _local_attn_bwd_dq_tiled_kernel, (bht + B * H * plan.tiles(grid_h),), *args,
-            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, scale,
+            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, *split_float(scale),
             **common, IEEE=ieee, BLOCK_Q=plan.block, BLOCK_K=plan.block_halo,
             BLOCK_DC=plan.block_dc, STAGES=plan.stages, PREFIX_STAGES=_PREFIX_STAGES,
             num_warps=plan.num_warps,
@@ -944,7 +945,7 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     else:
         _launch(
             _local_attn_bwd_dq_kernel, (bht + triton.cdiv(bhg, cfg.block_q),), *args,
-            bht, bhg, scale, **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
+            bht, bhg, *split_float(scale), **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
             num_warps=cfg.num_warps,
         )
 
@@ -957,14 +958,14 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         _launch(
             _local_attn_bwd_dkdv_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),),
             *args, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols,
-            n_prefix_programs, bht, scale, **common, IEEE=ieee, BLOCK_K=plan.block,
+            n_prefix_programs, bht, *split_float(scale), **common, IEEE=ieee, BLOCK_K=plan.block,
             BLOCK_Q=plan.block_halo, PREFIX_ROWS=cfg.block_q, BLOCK_DC=plan.block_dc,
             STAGES=plan.stages, num_warps=plan.num_warps,
         )
     else:
         _launch(
             _local_attn_bwd_dkdv_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
-            n_prefix_programs, bht, bhg, scale, **common, BLOCK_Q=cfg.block_q,
+            n_prefix_programs, bht, bhg, *split_float(scale), **common, BLOCK_Q=cfg.block_q,
             STAGES=cfg.stages, num_warps=cfg.num_warps,
         )
     return dq, dk, dv

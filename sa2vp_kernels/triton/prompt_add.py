@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._scalars import join_float, split_float
+
 from ..reference.prompt_add import HIDDEN_STREAM, OUTPUT_STREAM, drop_threshold, stream_key
 
 _GOLDEN = 0x9E3779B9
@@ -148,14 +150,14 @@ def _grad_ln_terms(gz, cols, col_ok, tile_ok, x_rows, rr, r_ok, message_ptr, nw_
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr, uw_ptr,
-                ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn, scale: tl.float64,
-                eps: tl.float64, inv_keep: tl.float64, threshold, key_h, key_o, HAS_DEEP: tl.constexpr,
+                ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn, scale_hi, scale_lo,
+                eps_hi, eps_lo, inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, HAS_DEEP: tl.constexpr,
                 DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
-    scale = tl.full([], scale, acc_ty)
-    eps = tl.full([], eps, acc_ty)
-    inv_keep = tl.full([], inv_keep, acc_ty)
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    eps = join_float(eps_hi, eps_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -190,13 +192,13 @@ def _fwd_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr, M, N,
-                     C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64, inv_keep: tl.float64,
+                     C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo, inv_keep_hi, inv_keep_lo,
                      threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
-    scale = tl.full([], scale, acc_ty)
-    inv_keep = tl.full([], inv_keep, acc_ty)
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -228,16 +230,16 @@ def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, d
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
                      uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
-                     scale: tl.float64, eps: tl.float64, inv_keep: tl.float64, threshold, key_h, key_o,
+                     scale_hi, scale_lo, eps_hi, eps_lo, inv_keep_hi, inv_keep_lo, threshold, key_h, key_o,
                      HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the message read three
     times (mean, variance and down projection) and the output written chunk by chunk."""
     acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
-    scale = tl.full([], scale, acc_ty)
-    eps = tl.full([], eps, acc_ty)
-    inv_keep = tl.full([], inv_keep, acc_ty)
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    eps = join_float(eps_hi, eps_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     x_rows = b * stride_mb + n * stride_mn
@@ -287,15 +289,15 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
-                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64,
-                          inv_keep: tl.float64, threshold, key_h, key_o, DROPOUT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo, inv_keep_hi,
+                          inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, then the LayerNorm
     sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz)."""
     acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
-    scale = tl.full([], scale, acc_ty)
-    inv_keep = tl.full([], inv_keep, acc_ty)
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
     g_rows = b * stride_gb + n * stride_gn
@@ -339,13 +341,13 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr, M,
-                     N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale: tl.float64,
-                     inv_keep: tl.float64, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo,
+                     inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float64 (a plain Python float would be float32 on a GPU)
-    scale = tl.full([], scale, acc_ty)
-    inv_keep = tl.full([], inv_keep, acc_ty)
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
     dot_ty = message_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -498,8 +500,8 @@ def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weig
         target, message, out, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias,
         deep if has_deep else message, deep_scale if has_deep else norm_weight, M, N, C, r,
         target.stride(0), target.stride(1), message.stride(0), message.stride(1),
-        scale, eps, inv_keep, threshold, key_h, key_o, HAS_DEEP=has_deep, DROPOUT=dropout_p > 0,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+        *split_float(scale), *split_float(eps), *split_float(inv_keep), threshold, key_h, key_o, HAS_DEEP=has_deep,
+        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
     return out, mean, rstd, z
 
 
@@ -522,7 +524,8 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r, wide)
     wrap_triton(_bwd_rows_wide_kernel if wide else _bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
         grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
-        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
+        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
+        *split_float(inv_keep), threshold,
         key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
 
     # Weight gradients: channel tiles x token splits, partials added in split order.
@@ -535,7 +538,8 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     part_b = torch.empty((splits, C), dtype=stat, device=dev)
     wrap_triton(_bwd_cols_kernel)[(triton.cdiv(C, cols_block), splits)](
         grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, M, N, C, r, rows_per_split,
-        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), scale, inv_keep, threshold,
+        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
+        *split_float(inv_keep), threshold,
         key_h, key_o, DROPOUT=dropout, BLOCK_M=rows_block, BLOCK_C=cols_block, BLOCK_R=block_r, num_warps=cols_warps)
     grad_up_weight = part_w.sum(0)
     grad_up_bias = part_b.sum(0)
