@@ -13,6 +13,18 @@ from sa2vp_kernels import _ext
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="no compiled CPU kernels")
 
 
+def _assert_compiled_matches_eager(f, args, weights, **tol):
+    """f compiled with Inductor (fullgraph) and eager f: the same value and gradients for args + weights."""
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args + tuple(weights))
+    want = f(*args)
+    want_grads = torch.autograd.grad(want, args + tuple(weights))
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+
 def test_inductor_forward_and_backward_match_eager():
     g = torch.Generator().manual_seed(0)
     B, N, C, r = 2, 7, 24, 3
@@ -29,14 +41,7 @@ def test_inductor_forward_and_backward_match_eager():
         c = sk.prompt_map(embed, weight, None, None, (2, 3), backend="cpu")
         return (a * a).sum() + (b * b).sum() + (c * c).sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(*args)
-    grads = torch.autograd.grad(out, args + tuple(weights))
-    want = f(*args)
-    want_grads = torch.autograd.grad(want, args + tuple(weights))
-    torch.testing.assert_close(out, want)
-    for got, exp in zip(grads, want_grads):
-        torch.testing.assert_close(got, exp)
+    _assert_compiled_matches_eager(f, args, weights)
 
 
 @pytest.mark.gpu
@@ -60,12 +65,5 @@ def test_inductor_with_the_triton_kernels_matches_eager(dtype):
         c = sk.prompt_map(embed, weight, None, None, (2, 3), backend="triton")
         return (a * a).sum() + (b * b).sum() + (c * c).sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(*args)
-    grads = torch.autograd.grad(out, args + tuple(weights))
-    want = f(*args)
-    want_grads = torch.autograd.grad(want, args + tuple(weights))
-    tol = {} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
-    torch.testing.assert_close(out, want, **tol)
-    for got, exp in zip(grads, want_grads):
-        torch.testing.assert_close(got, exp, **tol)
+    _assert_compiled_matches_eager(f, args, weights,
+                                   **({} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}))
