@@ -44,9 +44,14 @@ namespace hash = prompt_add_hash;
 
 constexpr int kRowsPerWarp = 4;
 constexpr int kJChunk = 8;  // kRowsPerWarp * kJChunk = 32 values per transpose reduction
+constexpr int kJLoads = 4;   // rows of a (r, C) weight loaded together in the per-channel products
+constexpr int kOutRows = 2;  // forward: rows whose target/deep vectors are loaded together
 constexpr int kMaxWarps = 4;
 constexpr int kColsThreads = 128;  // columns kernel: threads (= channels) per block
 constexpr int kColsTile = 32;      // columns kernel: tokens staged in shared memory at a time
+constexpr int kColsUnroll = 8;     // columns kernel: tokens whose loads a thread issues together
+constexpr int64_t kColsSplits = 128;    // columns kernel: most token splits (blockIdx.y)
+constexpr int64_t kColsMinRows = 64;    // columns kernel: fewest tokens per split
 constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T>
@@ -151,29 +156,40 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R;
   if (row0 >= p.M) return;
 
-  // 1. LayerNorm.
-  A mean[R], rstd[R];
+  // 1. LayerNorm. The warp's R rows are read together, one 16-byte vector of each per group, so that
+  // a lane has R loads in flight instead of one.
+  bool valid[R];
+  const T* xrow[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const int64_t m = row0 + i;
-    const bool valid = m < p.M;
-    A* yi = ys + i * C;
-    A s = 0;
-    if (valid) {
-      const T* x = p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn;
-      for (int g = lane; g < groups; g += 32) {
-        A v[V];
-        load_vec<T, V>(x + g * V, v);
+    valid[i] = m < p.M;
+    xrow[i] = valid[i] ? p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn : p.message;
+  }
+  A mean[R], rstd[R], s[R];
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          yi[e * groups + g] = v[e];
-          s += v[e];
-        }
+  for (int i = 0; i < R; ++i) s[i] = 0;
+  for (int g = lane; g < groups; g += 32) {
+    A v[R][V];
+#pragma unroll
+    for (int i = 0; i < R; ++i) load_vec<T, V>(xrow[i] + g * V, v[i]);  // (row 0 for the rows past M)
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const A x = valid[i] ? v[i][e] : A(0);
+        ys[i * C + e * groups + g] = x;
+        s[i] += x;
       }
     }
-    mean[i] = warp_sum(s) / A(C);
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    const A* yi = ys + i * C;
+    mean[i] = warp_sum(s[i]) / A(C);
     A q = 0;
-    if (valid) {
+    if (valid[i]) {
       for (int g = lane; g < groups; g += 32) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -183,8 +199,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
       }
     }
     q = warp_sum(q);
-    rstd[i] = valid ? A(1) / sqrt(q / A(C) + p.eps) : A(0);
-    if (valid && lane == 0) {
+    rstd[i] = valid[i] ? A(1) / sqrt(q / A(C) + p.eps) : A(0);
+    if (valid[i] && lane == 0) {
       p.mean[m] = mean[i];
       p.rstd[m] = rstd[i];
     }
@@ -195,12 +211,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
     load_vec<T, V>(p.beta + g * V, be);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const bool valid = row0 + i < p.M;
       A* yi = ys + i * C;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const A y = (yi[e * groups + g] - mean[i]) * rstd[i] * ga[e] + be[e];
-        yi[e * groups + g] = valid ? y : A(0);
+        yi[e * groups + g] = valid[i] ? y : A(0);
       }
     }
   }
@@ -220,14 +235,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
       }
 #pragma unroll
       for (int jj = 0; jj < kJChunk; ++jj) {
-        if (j0 + jj < r) {
-          A w[V];
-          load_vec<T, V>(p.wd + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+        // (guarded: with the loads of all kJChunk ranks hoisted, the float16/bfloat16 kernels spill)
+        A w[V];
+        if (j0 + jj >= r) continue;
+        load_vec<T, V>(p.wd + static_cast<int64_t>(j0 + jj) * C + g * V, w);
 #pragma unroll
-          for (int i = 0; i < R; ++i) {
+        for (int i = 0; i < R; ++i) {
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += y[i][e] * w[e];
-          }
+          for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += y[i][e] * w[e];
         }
       }
     }
@@ -248,10 +263,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
   }
   __syncwarp();
 
-  // 3. u = h @ up_weight^T + up_bias, then out = target + scale * drop(u) [+ deep_scale * deep].
+  // 3. u = h @ up_weight^T + up_bias, then out = target + scale * drop(u) [+ deep_scale * deep]. The
+  // target (and deep) vectors of kOutRows rows are loaded before their outputs are stored (a store to
+  // out could alias them for the compiler, which would then wait for each row's loads in turn).
   uint32_t rs_out[R];
+  const T* trow[R];
+  const T* drow[R];
 #pragma unroll
-  for (int i = 0; i < R; ++i) rs_out[i] = hash::row_state(p.key_o, static_cast<uint32_t>(row0 + i));
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = row0 + i;
+    rs_out[i] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+    const int64_t b = valid[i] ? m / p.N : 0, n = valid[i] ? m % p.N : 0;
+    trow[i] = p.target + b * p.tgt_sb + n * p.tgt_sn;
+    drow[i] = p.deep != nullptr ? p.deep + n * C : nullptr;
+  }
   const A s_keep = p.scale * p.inv_keep;
   for (int g = lane; g < groups; g += 32) {
     const int c0 = g * V;
@@ -262,37 +287,52 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
 #pragma unroll
       for (int e = 0; e < V; ++e) u[i][e] = bu[e];
     }
-    for (int j = 0; j < r; ++j) {
-      A w[V];
-      load_vec<T, V>(p.wu_t + static_cast<int64_t>(j) * C + c0, w);
+    for (int j0 = 0; j0 < r; j0 += kJLoads) {
+      A w[kJLoads][V];  // the loads of kJLoads ranks first (past r: row r - 1, not used)
 #pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const A hij = hs[i * r + j];
+      for (int jj = 0; jj < kJLoads; ++jj) {
+        load_vec<T, V>(p.wu_t + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, w[jj]);
+      }
 #pragma unroll
-        for (int e = 0; e < V; ++e) u[i][e] += hij * w[e];
+      for (int jj = 0; jj < kJLoads; ++jj) {
+        if (j0 + jj < r) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            const A hij = hs[i * r + j0 + jj];
+#pragma unroll
+            for (int e = 0; e < V; ++e) u[i][e] += hij * w[jj][e];
+          }
+        }
       }
     }
     A ds[V];
     if (p.deep != nullptr) load_vec<T, V>(p.deep_scale + c0, ds);
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t m = row0 + i;
-      if (m < p.M) {
-        const int64_t b = m / p.N, n = m % p.N;
-        A t[V], o[V];
-        load_vec<T, V>(p.target + b * p.tgt_sb + n * p.tgt_sn + c0, t);
+    for (int i0 = 0; i0 < R; i0 += kOutRows) {
+      A t[kOutRows][V];
+#pragma unroll
+      for (int i = 0; i < kOutRows; ++i) load_vec<T, V>(trow[i0 + i] + c0, t[i]);  // (row 0 past M)
+#pragma unroll
+      for (int i = 0; i < kOutRows; ++i) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const bool kept = !p.dropout || hash::keep(rs_out[i], static_cast<uint32_t>(c0 + e), p.threshold);
-          o[e] = t[e] + (kept ? s_keep * u[i][e] : A(0));
+          const bool kept = !p.dropout || hash::keep(rs_out[i0 + i], static_cast<uint32_t>(c0 + e), p.threshold);
+          u[i0 + i][e] = t[i][e] + (kept ? s_keep * u[i0 + i][e] : A(0));
         }
-        if (p.deep != nullptr) {
-          A d[V];
-          load_vec<T, V>(p.deep + n * C + c0, d);
+      }
+      if (p.deep != nullptr) {
+        A d[kOutRows][V];
 #pragma unroll
-          for (int e = 0; e < V; ++e) o[e] += ds[e] * d[e];
+        for (int i = 0; i < kOutRows; ++i) load_vec<T, V>(drow[i0 + i] + c0, d[i]);
+#pragma unroll
+        for (int i = 0; i < kOutRows; ++i) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) u[i0 + i][e] += ds[e] * d[i][e];
         }
-        store_vec<T, V>(p.out + m * C + c0, o);
+      }
+#pragma unroll
+      for (int i = 0; i < kOutRows; ++i) {
+        if (valid[i0 + i]) store_vec<T, V>(p.out + (row0 + i0 + i) * C + c0, u[i0 + i]);
       }
     }
   }
@@ -335,28 +375,31 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R;
   if (row0 >= p.M) return;
 
-  // gu = scale * drop'(grad_out)
+  // gu = scale * drop'(grad_out). The warp's R rows are read together (as in the forward).
   const A s_keep = p.scale * p.inv_keep;
+  bool valid[R];
+  const T* grow[R];
+  const T* xrow[R];
+  uint32_t rs[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const int64_t m = row0 + i;
-    A* gi = gs + i * C;
-    if (m < p.M) {
-      const T* go = p.grad + (m / p.N) * p.grad_sb + (m % p.N) * p.grad_sn;
-      const uint32_t rs = hash::row_state(p.key_o, static_cast<uint32_t>(m));
-      for (int g = lane; g < groups; g += 32) {
-        A v[V];
-        load_vec<T, V>(go + g * V, v);
+    valid[i] = m < p.M;
+    const int64_t b = valid[i] ? m / p.N : 0, n = valid[i] ? m % p.N : 0;
+    grow[i] = p.grad + b * p.grad_sb + n * p.grad_sn;
+    xrow[i] = p.message + b * p.msg_sb + n * p.msg_sn;
+    rs[i] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+  }
+  for (int g = lane; g < groups; g += 32) {
+    A v[R][V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const bool kept = !p.dropout || hash::keep(rs, static_cast<uint32_t>(g * V + e), p.threshold);
-          gi[e * groups + g] = kept ? s_keep * v[e] : A(0);
-        }
-      }
-    } else {
-      for (int g = lane; g < groups; g += 32) {
+    for (int i = 0; i < R; ++i) load_vec<T, V>(grow[i] + g * V, v[i]);  // (row 0 for the rows past M)
 #pragma unroll
-        for (int e = 0; e < V; ++e) gi[e * groups + g] = A(0);
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool kept = !p.dropout || hash::keep(rs[i], static_cast<uint32_t>(g * V + e), p.threshold);
+        gs[i * C + e * groups + g] = valid[i] && kept ? s_keep * v[i][e] : A(0);
       }
     }
   }
@@ -376,14 +419,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
       }
 #pragma unroll
       for (int jj = 0; jj < kJChunk; ++jj) {
-        if (j0 + jj < r) {
-          A w[V];
-          load_vec<T, V>(p.wu_t + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+        // Ranks past r read row r - 1 and fill sums nobody reads: the kJChunk loads go out together.
+        A w[V];
+        load_vec<T, V>(p.wu_t + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + g * V, w);
 #pragma unroll
-          for (int i = 0; i < R; ++i) {
+        for (int i = 0; i < R; ++i) {
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += gu[i][e] * w[e];
-          }
+          for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += gu[i][e] * w[e];
         }
       }
     }
@@ -421,31 +463,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
 #pragma unroll
       for (int e = 0; e < V; ++e) gy[i][e] = 0;
     }
-    for (int j = 0; j < r; ++j) {
-      A w[V];
-      load_vec<T, V>(p.wd + static_cast<int64_t>(j) * C + c0, w);
+    for (int j0 = 0; j0 < r; j0 += kJLoads) {
+      A w[kJLoads][V];  // the loads of kJLoads ranks first (past r: row r - 1, not used)
 #pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const A gzij = gzs[i * r + j];
+      for (int jj = 0; jj < kJLoads; ++jj) {
+        load_vec<T, V>(p.wd + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, w[jj]);
+      }
 #pragma unroll
-        for (int e = 0; e < V; ++e) gy[i][e] += gzij * w[e];
+      for (int jj = 0; jj < kJLoads; ++jj) {
+        if (j0 + jj < r) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            const A gzij = gzs[i * r + j0 + jj];
+#pragma unroll
+            for (int e = 0; e < V; ++e) gy[i][e] += gzij * w[jj][e];
+          }
+        }
       }
     }
     A ga[V];
     load_vec<T, V>(p.gamma + c0, ga);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int64_t m = row0 + i;
       A xh[V];
-      if (m < p.M) {
-        load_vec<T, V>(p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn + c0, xh);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) xh[e] = mean[i];
-      }
+      load_vec<T, V>(xrow[i] + c0, xh);  // (row 0 for the rows past M)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const A xhat = (xh[e] - mean[i]) * rstd[i];
+        const A xhat = valid[i] ? (xh[e] - mean[i]) * rstd[i] : A(0);
         const A gyg = gy[i][e] * ga[e];
         c1[i] += gyg;
         c2[i] += gyg * xhat;
@@ -476,14 +520,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
 
 // One thread per channel c; blockIdx.y selects a contiguous split of tokens; one pass per chunk of JT
 // ranks. Accumulates gu^T @ h (C x r), A = gz^T @ xhat (r x C) and sum(gu) (C) for its split.
+// Per tile of kColsTile tokens the block stages in shared memory what every channel needs (h, gz,
+// mean, rstd, the dropout row state and each token's offsets into grad_out and message, so that the
+// token -> (batch, position) divisions run once per token, not once per token and channel); then each
+// thread issues the loads of kColsUnroll tokens before it accumulates them, in token order (the sums
+// are the same, bitwise, as one token at a time).
 template <typename T, int JT>
 __global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<T> p) {
   using A = acc_t<T>;
+  constexpr int U = kColsUnroll;
+  static_assert(kColsTile % U == 0, "kColsTile must be a multiple of kColsUnroll");
   __shared__ A hs[kColsTile][JT];
   __shared__ A gzs[kColsTile][JT];
   __shared__ A mean_s[kColsTile];
   __shared__ A rstd_s[kColsTile];
   __shared__ uint32_t rs_s[kColsTile];
+  __shared__ int64_t goff_s[kColsTile];
+  __shared__ int64_t xoff_s[kColsTile];
   const int tid = threadIdx.x;
   const int c = blockIdx.x * kColsThreads + tid;
   const int split = blockIdx.y;
@@ -516,26 +569,39 @@ __global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<
       }
       for (int row = tid; row < kColsTile; row += kColsThreads) {
         const int64_t m = m0 + row;
-        mean_s[row] = m < end ? p.mean[m] : A(0);
-        rstd_s[row] = m < end ? p.rstd[m] : A(0);
+        const bool valid = m < end;
+        const int64_t b = valid ? m / p.N : 0, n = valid ? m % p.N : 0;
+        mean_s[row] = valid ? p.mean[m] : A(0);
+        rstd_s[row] = valid ? p.rstd[m] : A(0);
         rs_s[row] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+        goff_s[row] = b * p.grad_sb + n * p.grad_sn;
+        xoff_s[row] = b * p.msg_sb + n * p.msg_sn;
       }
       __syncthreads();
       if (c < p.C) {
         const int rows = static_cast<int>(std::min<int64_t>(kColsTile, end - m0));
-        for (int row = 0; row < rows; ++row) {
-          const int64_t m = m0 + row;
-          const int64_t b = m / p.N, n = m % p.N;
-          const A go = static_cast<A>(p.grad[b * p.grad_sb + n * p.grad_sn + c]);
-          const bool kept = !p.dropout || hash::keep(rs_s[row], static_cast<uint32_t>(c), p.threshold);
-          const A gu = kept ? s_keep * go : A(0);
-          const A x = static_cast<A>(p.message[b * p.msg_sb + n * p.msg_sn + c]);
-          const A xhat = (x - mean_s[row]) * rstd_s[row];
-          acc_b += gu;
+        for (int row0 = 0; row0 < rows; row0 += U) {
+          A go[U], x[U];
 #pragma unroll
-          for (int jj = 0; jj < JT; ++jj) {
-            acc_w[jj] += gu * hs[row][jj];
-            acc_a[jj] += gzs[row][jj] * xhat;
+          for (int u = 0; u < U; ++u) {  // the loads of U tokens first (rows past the end read row 0)
+            const int row = row0 + u < rows ? row0 + u : 0;
+            go[u] = static_cast<A>(p.grad[goff_s[row] + c]);
+            x[u] = static_cast<A>(p.message[xoff_s[row] + c]);
+          }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int row = row0 + u;
+            if (row < rows) {
+              const bool kept = !p.dropout || hash::keep(rs_s[row], static_cast<uint32_t>(c), p.threshold);
+              const A gu = kept ? s_keep * go[u] : A(0);
+              const A xhat = (x[u] - mean_s[row]) * rstd_s[row];
+              acc_b += gu;
+#pragma unroll
+              for (int jj = 0; jj < JT; ++jj) {
+                acc_w[jj] += gu * hs[row][jj];
+                acc_a[jj] += gzs[row][jj] * xhat;
+              }
+            }
           }
         }
       }
@@ -722,9 +788,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto sopts = message.options().dtype(stat);
   at::Tensor grad_message = at::empty({B, N, C}, message.options());
   at::Tensor gz = at::empty({M, r}, sopts);
-  constexpr int64_t kMaxSplits = 64;
-  const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, (M + 255) / 256));
-  const int64_t rows_per_split = (M + splits0 - 1) / splits0;
+  // Token splits of the columns kernel: enough blocks to fill the GPU (each thread's sum over its
+  // split is a chain of dependent loads), at most kColsSplits partials, whole staging tiles per split.
+  const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(kColsSplits, (M + kColsMinRows - 1) / kColsMinRows));
+  const int64_t rows_per_split = ((M + splits0 - 1) / splits0 + kColsTile - 1) / kColsTile * kColsTile;
   const int64_t splits = (M + rows_per_split - 1) / rows_per_split;
   at::Tensor part_w = at::empty({splits, C, r}, sopts);
   at::Tensor part_a = at::empty({splits, r, C}, sopts);
