@@ -64,9 +64,10 @@ class Plan:
     graph_below_ms: float = 5  # ... of calls fast enough for the host's launch overhead to matter
     copy_bytes: int = 1 << 30
     # Sweeps of the last section, each compiling without spills for sm_90 at the benchmark shapes
-    # (python -m sa2vp_kernels.triton.aot): prompt_add (BLOCK_M, num_warps); the tiled attention
-    # forward (num_warps, head-dim chunk BLOCK_DC), 0 = the default.
-    tune_prompt_add: tuple = ((16, 8), (16, 16), (32, 16))
+    # (python -m sa2vp_kernels.triton.aot): prompt_add (BLOCK_M, num_warps, BLOCK_C: the Triton
+    # module's TUNE_CONFIGS, None); the tiled attention forward (num_warps, head-dim chunk BLOCK_DC);
+    # 0 = the default's value.
+    tune_prompt_add: tuple | None = None
     tune_attention: tuple = ((0, 0), (2, 0), (4, 0), (16, 0), (0, 32), (0, 128), (4, 128))
     shares: dict = field(default_factory=lambda: {
         "attention": 0.3, "prompt_add": 0.2, "prompt_map": 0.1, "end_to_end": 0.3, "profile": 0.15,
@@ -81,7 +82,8 @@ class Plan:
                    prompt_map=(((4, 5), (4, 5)), ((8, 10), (4, 5))), model="vit_tiny_patch16_224",
                    num_classes=10, e2e_first=((48, 2),), e2e_last=((64, 2),), infer_batch=2, warm_steps=1,
                    swin_model="swin_tiny_patch4_window7_224", e2e_swin=((224, 1),),
-                   train_steps=2, warmup_ms=1, rep_ms=5, copy_bytes=16 << 20)
+                   train_steps=2, warmup_ms=1, rep_ms=5, copy_bytes=16 << 20,
+                   tune_prompt_add=((16, 4, 0), (16, 4, 16)))
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:
@@ -600,9 +602,9 @@ def _time_tuned(run: Run, section: str, case, provider: str, make, pass_: str = 
 
 
 def section_tune(run: Run) -> None:
-    """Forward timings of Triton launch configurations around the defaults, for tuning them on this
-    card: prompt_add (BLOCK_M, num_warps) and the tiled attention (num_warps, head-dim chunk). The
-    defaults are the configurations labelled "default"."""
+    """Timings of Triton launch configurations around the defaults, for tuning them on this card:
+    prompt_add (BLOCK_M, num_warps, channel chunk; forward and forward + backward) and the tiled
+    attention (num_warps, head-dim chunk; forward). The defaults are labelled "default"."""
     import dataclasses
 
     common = run.common
@@ -617,21 +619,20 @@ def section_tune(run: Run) -> None:
     B, N, C, r = run.plan.prompt_add[0]
     case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
     default_rows = tpa._row_blocks
-    for block_m, warps in run.plan.tune_prompt_add:
+    chosen = default_rows(C, r, dtype)
+    for block_m, warps, block_c in run.plan.tune_prompt_add or tpa.TUNE_CONFIGS:
+        rows = tpa.tuned_row_blocks(block_m, warps, block_c)
+        picked = rows(C, r, dtype)
+        label = (f"triton m{picked[0]} w{picked[3]} c{picked[1]}" + (" chunked" if picked[4] else "")
+                 + (" default" if picked == chosen else ""))
         if run.over():
-            run.skip("tune", f"prompt_add m{block_m} w{warps}", "over the section's time budget")
+            run.skip("tune", f"prompt_add {label}", "over the section's time budget")
             continue
-
-        def rows(C_, r_, dt, block_m=block_m, warps=warps):
-            d = default_rows(C_, r_, dt)
-            return (block_m, d[1], d[2], warps, *d[4:])
-
-        chosen = default_rows(C, r, dtype)
-        label = f"triton m{block_m} w{warps}" + (" default" if (block_m, warps) == (chosen[0], chosen[3]) else "")
         tpa._row_blocks = rows
         try:
-            _time_tuned(run, "tune", case, label,
-                        lambda: common.prompt_add_workload("triton", case, run.device, n_sets=2))
+            for pass_ in ("fwd", "fwd+bwd"):
+                _time_tuned(run, "tune", case, label,
+                            lambda: common.prompt_add_workload("triton", case, run.device, n_sets=2), pass_)
         finally:
             tpa._row_blocks = default_rows
 

@@ -102,7 +102,7 @@ def test_tune_section_restores_the_defaults(tmp_path):
     args = run_gpu.parse_args(["--dry-run", "--out", str(tmp_path), "--no-copy"])
     plan = run_gpu.Plan.tiny()
     plan.layouts = plan.layouts[:1]
-    plan.tune_prompt_add = ((16, 4), (32, 8))  # (16, 4): the default at the tiny float32 shape
+    plan.tune_prompt_add = ((16, 4, 0), (32, 8, 0), (16, 4, 16))  # the first: the default at the tiny shape
     plan.tune_attention = ((0, 0), (8, 16), (2, 0))
     run = run_gpu.Run(args, plan)
     run.begin("tune")
@@ -111,9 +111,11 @@ def test_tune_section_restores_the_defaults(tmp_path):
     records = run.results["records"]
     assert not [r for r in records if r.get("error")], records
     labels = [r["provider"] for r in records]
-    assert len(labels) == len(plan.tune_prompt_add) + len(plan.tune_attention)
-    assert sum(label.endswith("default") for label in labels) == 2
+    assert len(labels) == 2 * len(plan.tune_prompt_add) + len(plan.tune_attention)  # prompt_add: fwd, fwd+bwd
+    assert sum(label.endswith("default") for label in labels) == 3
     assert "triton w8 dc16" in labels and all(r["ms"] > 0 for r in records)
+    # the tiny shape's rows are 32 channels wide: 16-channel chunks run the chunked kernels
+    assert {"triton m16 w4 c16 chunked", "triton m32 w8 c32"} <= set(labels)
 
 
 def test_gpu_rerun_script_runs_a_list_of_tests(tmp_path):

@@ -459,6 +459,29 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
     return block_m, block_c, block_r, num_warps, wide
 
 
+# Launch configurations (BLOCK_M, num_warps, BLOCK_C; 0 keeps the default's value) that the "tune"
+# section of bench/run_gpu.py times at the benchmark shape (B=64, N=197, C=768, r=16, bfloat16), the
+# default among them. A BLOCK_C below the row width runs the chunked kernels: at that shape the
+# whole-row tile takes 224 registers per thread (one 8-warp program per SM), a 256-channel chunk with
+# 8 warps 80 (the forward) and 104 (the backward rows). Each compiles for sm_90 without spills
+# (python -m sa2vp_kernels.triton.aot compiles them all, tests/test_triton_aot.py).
+TUNE_CONFIGS = ((16, 8, 0), (16, 16, 0), (16, 8, 256), (16, 4, 256), (16, 4, 128), (32, 8, 256))
+
+
+def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
+    """A replacement of ``_row_blocks`` with the given values (0: the default's), for tuning sweeps."""
+    default = _row_blocks
+
+    def rows(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
+        d = default(C, r, dtype)
+        bc = block_c or d[1]
+        if bc & (bc - 1):
+            raise ValueError(f"block_c must be a power of two, got {block_c}")
+        return (block_m or d[0], bc, d[2], num_warps or d[3], bc < triton.next_power_of_2(C) if block_c else d[4])
+
+    return rows
+
+
 def _cols_blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_M, num_warps) of the weight-gradient kernel. Its float32 dots are exact
     (FMA, operands in registers), which spills at the 16-bit tile size: narrower tiles there."""
