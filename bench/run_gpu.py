@@ -601,13 +601,36 @@ def _time_tuned(run: Run, section: str, case, provider: str, make, pass_: str = 
     run.add(rec)
 
 
+_PREFETCH_ENV = "SA2VP_CUDA_ATTN_PREFETCH"
+
+
 def section_tune(run: Run) -> None:
-    """Timings of Triton launch configurations around the defaults, for tuning them on this card:
-    prompt_add (BLOCK_M, num_warps, channel chunk; forward and forward + backward) and the tiled
-    attention (num_warps, head-dim chunk; forward). The defaults are labelled "default"."""
+    """Timings of kernel variants around the defaults, for tuning them on this card: the CUDA attention
+    with and without prefetching (forward and forward + backward), the Triton prompt_add's launch
+    configurations (BLOCK_M, num_warps, channel chunk; forward and forward + backward) and the tiled
+    Triton attention's (num_warps, head-dim chunk; forward). The defaults are labelled "default"."""
     import dataclasses
 
     common = run.common
+    if "cuda" in common.kernel_backends(run.device):
+        # The CUDA attention kernels with and without loading the next key's rows ahead
+        # (SA2VP_CUDA_ATTN_PREFETCH, read at every launch), forward and forward + backward.
+        saved = os.environ.get(_PREFETCH_ENV)
+        try:
+            for heads, dim in run.plan.layouts:
+                acase = _attn_case(run, heads, dim, run.plan.grid)
+                for flag, label in (("0", "cuda default"), ("1", "cuda prefetch")):
+                    if run.over():
+                        run.skip("tune", f"attention {acase.label} {label}", "over the section's time budget")
+                        continue
+                    os.environ[_PREFETCH_ENV] = flag
+                    for pass_ in ("fwd", "fwd+bwd"):
+                        _time_tuned(run, "tune", acase, label, _attn_make(run, "cuda", acase), pass_)
+        finally:
+            if saved is None:
+                os.environ.pop(_PREFETCH_ENV, None)
+            else:
+                os.environ[_PREFETCH_ENV] = saved
     from sa2vp_kernels._dispatch import triton_interpreted
     if "triton" not in common.kernel_backends(run.device) and not (run.args.tiny and triton_interpreted()):
         run.skip("tune", "triton", "the Triton kernels do not run on this device")

@@ -286,3 +286,37 @@ def test_bad_arguments_raise():
         torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, 2, 3, 3, 1, False, 0.5)
     with pytest.raises(RuntimeError, match="window"):
         torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, 2, 2, 2, 1, False, 0.5)
+
+
+# ---- the prefetching variant (SA2VP_CUDA_ATTN_PREFETCH=1) -----------------------------------------
+# Same sums in the same order as the default kernels, with the next key's (query's) rows loaded while
+# one is processed. Cases: windows clipped by the grid and walking across window rows, the window of
+# one key, num_prefix 0 / 1 / 3 (the queries of a key go from its window to the prefix queries), 1 to
+# 3 vectors per lane (the widths with a prefetching kernel) and the slab path, which has none.
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case,dtype", [
+    (((5, 7), 3, 1, 2, 64), torch.float32),
+    (((7, 5), 5, 3, 3, 24), torch.bfloat16),
+    (((3, 4), 1, 0, 1, 8), torch.float16),
+    (((1, 1), 3, 1, 2, 16), torch.float32),
+    (((4, 9), 7, 0, 1, 768), torch.bfloat16),   # 3 vectors per lane
+    (((5, 3), 5, 1, 1, 300), torch.float32),    # 3 vectors per lane in float32
+    (((3, 5), 3, 1, 1, 2048), torch.float32),   # slab path (no prefetching variant)
+    (((6, 5), 3, 2, 2, 40), torch.float64),
+], ids=lambda c: _case_id(c) if isinstance(c, tuple) else str(c).replace("torch.", ""))
+def test_prefetching_kernels_match_the_default(monkeypatch, case, dtype, border):
+    grid, window, num_prefix, heads, dim = case
+    N = num_prefix + grid[0] * grid[1]
+    bases = [_randn(2, heads, N, dim, dtype=dtype, seed=70 + i) for i in range(3)]
+    grad_out = _randn(2, heads, N, dim, dtype=dtype, seed=74)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", flag)
+        results[flag] = _run(_cuda, bases, _identity, grad_out, grid, window, num_prefix, border)
+    eps = torch.finfo(dtype).eps
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results["0"], results["1"]):
+        # the same operations in the same order: equal up to how the compiler contracts a multiply-add
+        bound = 4 * eps * max(a.abs().max().item(), 1e-30)
+        assert (a.double() - b.double()).abs().max().item() <= bound, name

@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -378,6 +379,43 @@ struct Window {
   __device__ __forceinline__ int count() const { return (y1 - y0 + 1) * (x1 - x0 + 1); }
 };
 
+// Walks the keys of a window in row-major order (token index `key`), starting at its first key.
+// (The window of a grid key is also the set of grid queries that see it: the window is symmetric.)
+struct WindowKeys {
+  int x, x0, x1, step, key;  // step: from the last key of a window row to the first of the next
+  __device__ __forceinline__ WindowKeys(const Window& w, const Geometry& geo)
+      : x(w.x0), x0(w.x0), x1(w.x1), step(geo.gw - (w.x1 - w.x0)), key(geo.P + w.y0 * geo.gw + w.x0) {}
+  __device__ __forceinline__ void next() {
+    if (x < x1) {
+      ++x;
+      ++key;
+    } else {
+      x = x0;
+      key += step;
+    }
+  }
+};
+
+// The queries that see one key, in a fixed order: for a grid key the grid queries of its window
+// (row-major), then the prefix queries 0 .. P-1; for a prefix key the prefix queries only.
+struct QuerySeq {
+  WindowKeys window;
+  int in_window;  // window queries left, the current one included (<= 0: in the prefix part)
+  int total;      // queries in all
+  int query;      // token index of the current query
+  __device__ __forceinline__ QuerySeq(const Window& w, const Geometry& geo, bool grid_key)
+      : window(w, geo), in_window(grid_key ? w.count() : 0), total(in_window + geo.P),
+        query(in_window > 0 ? window.key : 0) {}
+  __device__ __forceinline__ void next() {
+    if (--in_window > 0) {
+      window.next();
+      query = window.key;
+    } else {
+      query = in_window == 0 ? 0 : query + 1;
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
@@ -395,7 +433,7 @@ struct FwdParams {
   int64_t grid_queries;  // B * H * gh * gw
 };
 
-template <class T, int VPL, bool SINGLE>
+template <class T, int VPL, bool SINGLE, bool PF>
 __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
   using A = typename Traits<T>::acc;
   constexpr int N = Traits<T>::vec;
@@ -424,12 +462,20 @@ __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
   if constexpr (SINGLE) {
     A qf[VPL][N];
     load_row_acc(qf, qrow, 0, geo.nv, g);
-    for (int yy = win.y0; yy <= win.y1; ++yy) {
-      for (int xx = win.x0; xx <= win.x1; ++xx) {
-        const int nk = geo.P + yy * geo.gw + xx;
-        Pack<T, N> kr[VPL], vr[VPL];
-        load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
-        load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+    if constexpr (PF) {
+      // The keys of the window in row-major order, each one's rows loaded while the previous key is
+      // processed (the loads are the latency of this loop; the order of the sums is unchanged).
+      WindowKeys keys(win, geo);
+      Pack<T, N> kr[VPL], vr[VPL];
+      load_row(kr, p.k.row(b, h, keys.key), 0, geo.nv, g);
+      load_row(vr, p.v.row(b, h, keys.key), 0, geo.nv, g);
+      for (int t = win.count(); t > 0; --t) {
+        Pack<T, N> kn[VPL], vn[VPL];
+        if (t > 1) {
+          keys.next();
+          load_row(kn, p.k.row(b, h, keys.key), 0, geo.nv, g);
+          load_row(vn, p.v.row(b, h, keys.key), 0, geo.nv, g);
+        }
         const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
         if (s > m) {
           const A a = fexp(m - s);
@@ -440,6 +486,30 @@ __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
         const A e = fexp(s - m);
         l += e;
         axpy_frag(acc, e, vr);
+  #pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          kr[i] = kn[i];
+          vr[i] = vn[i];
+        }
+      }
+    } else {
+      for (int yy = win.y0; yy <= win.y1; ++yy) {
+        for (int xx = win.x0; xx <= win.x1; ++xx) {
+          const int nk = geo.P + yy * geo.gw + xx;
+          Pack<T, N> kr[VPL], vr[VPL];
+          load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
+          load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+          const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
+          if (s > m) {
+            const A a = fexp(m - s);
+            l *= a;
+            scale_frag(acc, a);
+            m = s;
+          }
+          const A e = fexp(s - m);
+          l += e;
+          axpy_frag(acc, e, vr);
+        }
       }
     }
     store_row(orow, acc, A(1) / l, 0, geo.nv, g);
@@ -545,7 +615,7 @@ __device__ void fwd_prefix_query(const FwdParams<T>& p, const Group& g,
   if (threadIdx.x == 0) p.lse[static_cast<int64_t>(bh) * geo.N + t] = m + flog(l);
 }
 
-template <class T, int VPL, bool SINGLE>
+template <class T, int VPL, bool SINGLE, bool PF>
 __global__ void __launch_bounds__(kThreads) local_attn_fwd_kernel(const FwdParams<T> p) {
   using A = typename Traits<T>::acc;
   __shared__ A smem[smem_size<VPL, Traits<T>::vec>()];
@@ -553,7 +623,7 @@ __global__ void __launch_bounds__(kThreads) local_attn_fwd_kernel(const FwdParam
   if (static_cast<int>(blockIdx.x) < p.prefix_blocks) {
     fwd_prefix_query<T, VPL, SINGLE>(p, g, smem);
   } else {
-    fwd_grid_query<T, VPL, SINGLE>(p, g);
+    fwd_grid_query<T, VPL, SINGLE, PF>(p, g);
   }
 }
 
@@ -596,7 +666,7 @@ struct BwdParams {
 };
 
 // dq_i = scale * sum_j p_ij (dO_i . v_j - delta_i) k_j over the window of grid query i.
-template <class T, int VPL, bool SINGLE>
+template <class T, int VPL, bool SINGLE, bool PF>
 __device__ void dq_grid_query(const BwdParams<T>& p, const Group& g) {
   using A = typename Traits<T>::acc;
   constexpr int N = Traits<T>::vec;
@@ -625,17 +695,42 @@ __device__ void dq_grid_query(const BwdParams<T>& p, const Group& g) {
     load_row_acc(qf, qrow, 0, geo.nv, g);
     load_row_acc(dof, dorow, 0, geo.nv, g);
     zero_frag(acc);
-    for (int yy = win.y0; yy <= win.y1; ++yy) {
-      for (int xx = win.x0; xx <= win.x1; ++xx) {
-        const int nk = geo.P + yy * geo.gw + xx;
-        Pack<T, N> kr[VPL], vr[VPL];
-        load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
-        load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+    if constexpr (PF) {
+      WindowKeys keys(win, geo);  // each key's rows loaded while the previous key is processed
+      Pack<T, N> kr[VPL], vr[VPL];
+      load_row(kr, p.k.row(b, h, keys.key), 0, geo.nv, g);
+      load_row(vr, p.v.row(b, h, keys.key), 0, geo.nv, g);
+      for (int t = win.count(); t > 0; --t) {
+        Pack<T, N> kn[VPL], vn[VPL];
+        if (t > 1) {
+          keys.next();
+          load_row(kn, p.k.row(b, h, keys.key), 0, geo.nv, g);
+          load_row(vn, p.v.row(b, h, keys.key), 0, geo.nv, g);
+        }
         A s = dot_frag(qf, kr);
         A dp = dot_frag(dof, vr);
         group_sum2(s, dp, g);
         const A pr = fexp(s * p.scale - lse);
         axpy_frag(acc, pr * (dp - delta), kr);
+  #pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          kr[i] = kn[i];
+          vr[i] = vn[i];
+        }
+      }
+    } else {
+      for (int yy = win.y0; yy <= win.y1; ++yy) {
+        for (int xx = win.x0; xx <= win.x1; ++xx) {
+          const int nk = geo.P + yy * geo.gw + xx;
+          Pack<T, N> kr[VPL], vr[VPL];
+          load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
+          load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
+          A s = dot_frag(qf, kr);
+          A dp = dot_frag(dof, vr);
+          group_sum2(s, dp, g);
+          const A pr = fexp(s * p.scale - lse);
+          axpy_frag(acc, pr * (dp - delta), kr);
+        }
       }
     }
     store_row(dqrow, acc, p.scale, 0, geo.nv, g);
@@ -718,7 +813,7 @@ __device__ void dq_prefix_query(const BwdParams<T>& p, const Group& g,
   }
 }
 
-template <class T, int VPL, bool SINGLE>
+template <class T, int VPL, bool SINGLE, bool PF>
 __global__ void __launch_bounds__(kThreads) local_attn_dq_kernel(const BwdParams<T> p) {
   using A = typename Traits<T>::acc;
   __shared__ A smem[smem_size<VPL, Traits<T>::vec>()];
@@ -726,13 +821,13 @@ __global__ void __launch_bounds__(kThreads) local_attn_dq_kernel(const BwdParams
   if (static_cast<int>(blockIdx.x) < p.prefix_blocks) {
     dq_prefix_query<T, VPL, SINGLE>(p, g, smem);
   } else {
-    dq_grid_query<T, VPL, SINGLE>(p, g);
+    dq_grid_query<T, VPL, SINGLE, PF>(p, g);
   }
 }
 
 // dv_j = sum_i p_ij dO_i and dk_j = scale * sum_i p_ij (dO_i . v_j - delta_i) q_i over the queries i
 // that see key j: the grid queries in the window around a grid key, then every prefix query.
-template <class T, int VPL, bool SINGLE>
+template <class T, int VPL, bool SINGLE, bool PF>
 __global__ void __launch_bounds__(kThreads) local_attn_dkdv_kernel(const BwdParams<T> p) {
   using A = typename Traits<T>::acc;
   constexpr int N = Traits<T>::vec;
@@ -761,23 +856,57 @@ __global__ void __launch_bounds__(kThreads) local_attn_dkdv_kernel(const BwdPara
     load_row_acc(vf, vrow, 0, geo.nv, g);
     zero_frag(dk);
     zero_frag(dv);
-    auto visit = [&](int nq) {
+    if constexpr (PF) {
+      // The queries that see the key, each one's rows and statistics loaded while the previous one is
+      // processed (same order as the slab path below: the window, then the prefix queries).
+      QuerySeq seq(win, geo, grid_key);
       Pack<T, N> qr[VPL], dor[VPL];
-      load_row(qr, p.q.row(b, h, nq), 0, geo.nv, g);
-      load_row(dor, p.dout.row(b, h, nq), 0, geo.nv, g);
-      A s = dot_frag(kf, qr);
-      A dp = dot_frag(vf, dor);
-      group_sum2(s, dp, g);
-      const A pr = fexp(s * p.scale - p.lse[stat0 + nq]);
-      axpy_frag(dv, pr, dor);
-      axpy_frag(dk, pr * (dp - p.delta[stat0 + nq]), qr);
-    };
-    if (grid_key) {
-      for (int yy = win.y0; yy <= win.y1; ++yy) {
-        for (int xx = win.x0; xx <= win.x1; ++xx) visit(geo.P + yy * geo.gw + xx);
+      load_row(qr, p.q.row(b, h, seq.query), 0, geo.nv, g);
+      load_row(dor, p.dout.row(b, h, seq.query), 0, geo.nv, g);
+      A lse = p.lse[stat0 + seq.query], delta = p.delta[stat0 + seq.query];
+      for (int t = seq.total; t > 0; --t) {
+        Pack<T, N> qn[VPL], don[VPL];
+        A lse_n = A(0), delta_n = A(0);
+        if (t > 1) {
+          seq.next();
+          load_row(qn, p.q.row(b, h, seq.query), 0, geo.nv, g);
+          load_row(don, p.dout.row(b, h, seq.query), 0, geo.nv, g);
+          lse_n = p.lse[stat0 + seq.query];
+          delta_n = p.delta[stat0 + seq.query];
+        }
+        A s = dot_frag(kf, qr);
+        A dp = dot_frag(vf, dor);
+        group_sum2(s, dp, g);
+        const A pr = fexp(s * p.scale - lse);
+        axpy_frag(dv, pr, dor);
+        axpy_frag(dk, pr * (dp - delta), qr);
+  #pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          qr[i] = qn[i];
+          dor[i] = don[i];
+        }
+        lse = lse_n;
+        delta = delta_n;
       }
+    } else {
+      auto visit = [&](int nq) {
+        Pack<T, N> qr[VPL], dor[VPL];
+        load_row(qr, p.q.row(b, h, nq), 0, geo.nv, g);
+        load_row(dor, p.dout.row(b, h, nq), 0, geo.nv, g);
+        A s = dot_frag(kf, qr);
+        A dp = dot_frag(vf, dor);
+        group_sum2(s, dp, g);
+        const A pr = fexp(s * p.scale - p.lse[stat0 + nq]);
+        axpy_frag(dv, pr, dor);
+        axpy_frag(dk, pr * (dp - p.delta[stat0 + nq]), qr);
+      };
+      if (grid_key) {
+        for (int yy = win.y0; yy <= win.y1; ++yy) {
+          for (int xx = win.x0; xx <= win.x1; ++xx) visit(geo.P + yy * geo.gw + xx);
+        }
+      }
+      for (int t = 0; t < geo.P; ++t) visit(t);
     }
-    for (int t = 0; t < geo.P; ++t) visit(t);
     store_row(dkrow, dk, p.scale, 0, geo.nv, g);
     store_row(dvrow, dv, A(1), 0, geo.nv, g);
   } else {
@@ -842,31 +971,45 @@ Plan make_plan(int64_t nv, int max_vpl) {
   return plan;
 }
 
-// Calls f(std::integral_constant<int, VPL>, std::bool_constant<SINGLE>) for the plan.
+// Widest rows (vectors per lane) with a prefetching variant: beyond it the doubled row registers spill.
+constexpr int kMaxPrefetchVpl = 3;
+
+// Calls f(std::integral_constant<int, VPL>, std::bool_constant<SINGLE>, std::bool_constant<PF>) for the
+// plan; PF (the rows of the next key or query loaded while one is processed) only in single mode with
+// at most kMaxPrefetchVpl vectors per lane.
 template <class T, class F>
-void with_plan(const Plan& plan, F&& f) {
+void with_plan(const Plan& plan, bool prefetch, F&& f) {
   constexpr int kMax = Traits<T>::max_vpl;
   if (!plan.single()) {
     TORCH_INTERNAL_ASSERT(plan.vpl == kMax, "local_attn: slab mode expects ", kMax, " vectors per lane");
-    f(std::integral_constant<int, kMax>{}, std::false_type{});
+    f(std::integral_constant<int, kMax>{}, std::false_type{}, std::false_type{});
     return;
   }
+  auto single = [&](auto vpl) {
+    if constexpr (decltype(vpl)::value <= kMaxPrefetchVpl) {
+      if (prefetch) {
+        f(vpl, std::true_type{}, std::true_type{});
+        return;
+      }
+    }
+    f(vpl, std::true_type{}, std::false_type{});
+  };
   switch (plan.vpl) {
     case 1:
-      f(std::integral_constant<int, 1>{}, std::true_type{});
+      single(std::integral_constant<int, 1>{});
       return;
     case 2:
-      f(std::integral_constant<int, 2>{}, std::true_type{});
+      single(std::integral_constant<int, 2>{});
       return;
     case 3:
-      f(std::integral_constant<int, 3>{}, std::true_type{});
+      single(std::integral_constant<int, 3>{});
       return;
     case 4:
-      f(std::integral_constant<int, 4>{}, std::true_type{});
+      single(std::integral_constant<int, 4>{});
       return;
     case 8:
       if constexpr (kMax >= 8) {
-        f(std::integral_constant<int, 8>{}, std::true_type{});
+        single(std::integral_constant<int, 8>{});
         return;
       }
       break;
@@ -933,6 +1076,14 @@ Geometry make_geometry(const at::Tensor& q, int64_t grid_h, int64_t grid_w, int6
   return geo;
 }
 
+// SA2VP_CUDA_ATTN_PREFETCH=1 selects the kernels that load the next key's (query's) rows while one is
+// processed: more loads in flight per thread, more registers per thread (fewer resident warps). Read
+// at every launch, so that a benchmark can time both in one process.
+bool prefetch_rows() {
+  const char* v = std::getenv("SA2VP_CUDA_ATTN_PREFETCH");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
 int launch_blocks(int64_t items, int log2g) {
   const int64_t per_block = kThreads >> log2g;
   const int64_t blocks = (items + per_block - 1) / per_block;
@@ -986,8 +1137,8 @@ std::tuple<at::Tensor, at::Tensor> local_attn_fwd_cuda(const at::Tensor& q_in, c
     const int64_t blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
     TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    with_plan<T>(plan, [&](auto vpl, auto single) {
-      local_attn_fwd_kernel<T, decltype(vpl)::value, decltype(single)::value>
+    with_plan<T>(plan, prefetch_rows(), [&](auto vpl, auto single, auto pf) {
+      local_attn_fwd_kernel<T, decltype(vpl)::value, decltype(single)::value, decltype(pf)::value>
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -1074,12 +1225,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attn_bwd_cuda(
     local_attn_delta_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
         rows_of<T>(dout), rows_of<T>(out), delta.data_ptr<A>(), p.geo, p.keys);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    with_plan<T>(plan, [&](auto vpl, auto single) {
+    with_plan<T>(plan, prefetch_rows(), [&](auto vpl, auto single, auto pf) {
       constexpr int VPL = decltype(vpl)::value;
       constexpr bool SINGLE = decltype(single)::value;
-      local_attn_dq_kernel<T, VPL, SINGLE><<<static_cast<unsigned>(dq_blocks), kThreads, 0, stream>>>(p);
+      constexpr bool PF = decltype(pf)::value;
+      local_attn_dq_kernel<T, VPL, SINGLE, PF><<<static_cast<unsigned>(dq_blocks), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      local_attn_dkdv_kernel<T, VPL, SINGLE><<<row_blocks, kThreads, 0, stream>>>(p);
+      local_attn_dkdv_kernel<T, VPL, SINGLE, PF><<<row_blocks, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
