@@ -8,16 +8,19 @@ time budget, and write a device-tagged results file.
 Sections, in this order: copy bandwidth; attention (B=64, N=197, C=768 as 1x768 and 12x64, bf16;
 fwd / bwd / fwd+bwd; our Triton and CUDA kernels, the vectorised reference, dense SDPA with a
 neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, fwd+bwd; kernels,
-reference, the unfused nn composition, eager and compiled); prompt_map; the SA2VP ViT-B/16 training
-step and inference at 224 (auto backend against backend="reference"); N scaling 197 -> 785 -> 4097
-with peak memory; windows 3/5/7; the model at 448; CUDA-graph timings of the fast measurements; last,
-a sweep of Triton launch configurations around the defaults (section "tune", forward only).
+reference, the unfused nn composition, eager and compiled); prompt_map; the kernels of one fwd+bwd
+call per fused op (torch.profiler, "profile"); CUDA-graph timings of the fast measurements ("graphs");
+kernel variants around the defaults ("tune": CUDA attention with and without prefetching, Triton
+launch configurations); the SA2VP ViT-B/16 training step and inference at 224 (auto backend against
+backend="reference") and the Swin-B one; N scaling 197 -> 785 -> 4097 with peak memory; windows 3/5/7;
+last, the model at 448.
 
 Each section gets a share of the time left when it starts and skips its remaining items once over
 it; the results file is rewritten after every measurement, so a run cut short still leaves data.
 A failing provider records its error and the run goes on.  Times are medians of
-``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets and, last,
-of CUDA-graph replays of many unrolled calls (``ms_graph``: the host's launch overhead left out).
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over rotating input sets and of
+CUDA-graph replays of many unrolled calls over the same sets (``ms_graph``: neither the host's launch
+overhead nor the write-back of the dirty L2 lines the flush leaves behind).
 ``--no-graphs`` leaves the graph timings out.
 """
 from __future__ import annotations
@@ -682,10 +685,11 @@ def section_tune(run: Run) -> None:
                 tla._tile_plan = default_plan
 
 
-# In order of need: the op benchmarks and the model step first, then what guides tuning (kernel
-# profiles, CUDA-graph timings, sweeps) and the Swin step (none of which fitted the time of the first
-# H100 run, where they came last), then the rest.
-SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "end_to_end", "profile", "graphs", "tune",
+# In order of need: the op benchmarks, then what the bandwidth targets and tuning need (kernel profiles,
+# CUDA-graph timings without the host's launch overhead or the L2 flush's write-backs, the sweeps: none
+# of which fitted the time of the first H100 run, where they came last), then the model steps (the
+# ViT-B one was measured in that run) and the rest.
+SECTIONS = ("bandwidth", "attention", "prompt_add", "prompt_map", "profile", "graphs", "tune", "end_to_end",
             "end_to_end_swin", "scaling", "windows", "end_to_end_large")
 
 
