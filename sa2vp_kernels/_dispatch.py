@@ -6,9 +6,11 @@ clear error; nothing falls back silently to another backend.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _ext
 
@@ -59,3 +61,54 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
                 f"got tensors on {device}"
             )
     return backend
+
+
+def eager_triton(*tensors) -> bool:
+    """Whether a Triton op may run its launcher directly instead of through its ``torch.library``
+    registration: in eager mode, on plain tensors, with no functorch transform or dispatch mode active.
+
+    The registered op is what ``torch.compile``, export, opcheck and dispatch modes (fake tensors, flop
+    counters) see, and it stays the path there. In eager mode its Python dispatch and generated autograd
+    wrapper cost more host time than the work they wrap (bench/test_bench_host.py), which is most of an
+    eager call on a GPU; a plain ``torch.autograd.Function`` around the launchers does the same work.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def first_derivative_only(what: str):
+    """Decorator of a ``torch.autograd.Function`` backward whose kernels have no derivative themselves.
+
+    The backward runs without recording a graph. Under ``create_graph=True`` with incoming gradients or
+    saved inputs that require grad, its results get a grad_fn that raises a clear error if a second
+    derivative is ever taken through them (like the registered ops, whose backward ops have no
+    autograd), instead of silently leaving them out of the graph.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            with torch.no_grad():
+                outputs = fn(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            inputs = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not inputs:
+                return outputs
+            present = [i for i, o in enumerate(outputs) if o is not None]
+            # One node over the results and the inputs they depend on: backpropagating from a result
+            # reaches it (and raises) on the way to those inputs.
+            err = torch._C._functions.DelayedError(
+                f"{what} has no second derivative (the backward of its backward)".encode(),
+                len(present) + len(inputs))
+            aliased = err(*[outputs[i].detach() for i in present], *inputs)
+            outputs = list(outputs)
+            for i, t in zip(present, aliased):
+                outputs[i] = t
+            return tuple(outputs)
+
+        return backward
+
+    return decorate

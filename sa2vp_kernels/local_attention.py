@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _checks, _ext
-from ._dispatch import resolve_backend, triton_available
+from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import attention as _ref
 
 BORDERS = ("clip", "zero")
@@ -70,6 +70,24 @@ if triton_available():
         _make_backward(_triton_local_attn.local_attn_bwd_triton),
         setup_context=_setup_context,
     )
+
+
+class _EagerTritonAttention(torch.autograd.Function):
+    """The registered Triton ops' forward and backward, for eager calls (``_dispatch.eager_triton``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, args):
+        out, lse = _triton_ops.local_attn_fwd(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    @first_derivative_only('local_cross_attention with backend="triton"')
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _triton_ops.local_attn_bwd(grad_out, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None
 
 
 def _check_args(q, k, v, grid, window, num_prefix, border, scale):
@@ -137,7 +155,12 @@ def local_cross_attention(q, k, v, grid, *, window=3, num_prefix=1, border="clip
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = (gh, gw, window, num_prefix, border == "zero", scale)
     if backend == "triton":
-        out, _ = _triton_ops.local_attn_fwd_triton(q, k, v, *args)
+        if not eager_triton(q, k, v):
+            out, _ = _triton_ops.local_attn_fwd_triton(q, k, v, *args)
+        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _EagerTritonAttention.apply(q, k, v, args)
+        else:
+            out, _ = _triton_ops.local_attn_fwd(q, k, v, *args)
     else:
         out, _ = torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, *args)
     return out

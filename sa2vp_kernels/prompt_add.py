@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ext
-from ._dispatch import resolve_backend, triton_available
+from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import prompt_add as _ref
 
 
@@ -98,6 +98,27 @@ if triton_available():
     torch.library.register_autograd("sa2vp_kernels::prompt_add_fwd_triton",
                                     _make_backward(_triton_prompt_add.prompt_add_bwd_triton),
                                     setup_context=_setup_context)
+    _eager_backward = _make_backward(_triton_prompt_add.prompt_add_bwd)
+
+
+class _EagerTritonPromptAdd(torch.autograd.Function):
+    """The registered Triton ops' forward and backward, for eager calls (``_dispatch.eager_triton``);
+    the 14 arguments are the ops' (the backward's are shared with the registered autograd)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out, mean, rstd, z = _triton_ops.prompt_add_fwd(*args)
+        (target, message, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, deep, deep_scale,
+         scale, dropout_p, eps, seed) = args
+        ctx.save_for_backward(message, mean, rstd, z, norm_weight, norm_bias, down_weight, up_weight, deep,
+                              deep_scale)
+        ctx.args = (scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    @first_derivative_only('prompt_add with backend="triton"')
+    def backward(ctx, grad_out):
+        return _eager_backward(ctx, grad_out, None, None, None)
 
 
 def _check_float(name, value, *, low, high=None, high_inclusive=False):
@@ -217,7 +238,13 @@ def prompt_add(target, message, scale, norm_weight, norm_bias, down_weight, down
             down_bias.contiguous(), up_weight.contiguous(), up_bias.contiguous(), deep,
             None if deep_scale is None else deep_scale.contiguous(), scale, dropout_p, eps, seed)
     if backend == "triton":
-        out = _triton_ops.prompt_add_fwd_triton(*args)[0]
+        tensors = args[:10]
+        if not eager_triton(*tensors):
+            out = _triton_ops.prompt_add_fwd_triton(*args)[0]
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            out = _EagerTritonPromptAdd.apply(*args)
+        else:
+            out = _triton_ops.prompt_add_fwd(*args)[0]
     else:
         out = torch.ops.sa2vp_kernels.prompt_add_fwd(*args)[0]
     return out

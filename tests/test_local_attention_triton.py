@@ -258,3 +258,71 @@ def test_gpu_backward_is_bitwise_reproducible(heads, head_dim):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     for a, b in zip(first[2], second[2]):
         assert torch.equal(a, b)
+
+
+# ---- eager calls run the launchers directly (sa2vp_kernels._dispatch.eager_triton) ----------------
+
+
+def _public(q, k, v, grid=(3, 4), **kw):
+    import sa2vp_kernels as sk
+    return sk.local_cross_attention(q, k, v, grid, window=3, num_prefix=1, backend="triton", **kw)
+
+
+def test_eager_path_matches_the_registered_ops(monkeypatch):
+    """Public eager calls skip the ops' Python dispatch and generated autograd (host time) and give the
+    same outputs and gradients, bitwise, as the registered ops."""
+    import sa2vp_kernels.local_attention as la
+
+    base = _qkv(2, 2, 13, 8)
+    grad = _rand(2, 2, 13, 8, seed=5)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(la, "eager_triton", lambda *t, eager=eager: eager)
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in base)
+        out = _public(q, k, v)
+        results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), grad)))
+        with torch.no_grad():
+            results[-1] += (_public(*base),)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_does_not_dispatch_the_ops(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the registered op was dispatched")
+
+    monkeypatch.setattr(tla, "local_attn_fwd_triton", boom)
+    monkeypatch.setattr(tla, "local_attn_bwd_triton", boom)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 1, 13, 8))
+    first = torch.autograd.grad(_public(q, k, v).sum(), q)[0]
+    # no second derivative: a clear error, never a silently wrong one
+    g = torch.autograd.grad(_public(q, k, v).sum(), q, create_graph=True)[0]
+    assert torch.equal(g.detach(), first)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.sum(), q)
+
+
+def test_dispatch_modes_and_transforms_see_the_registered_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sa2vp_kernels._dispatch import eager_triton
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(1, 1, 13, 8)
+    assert eager_triton(q, k, v) and eager_triton(q, None)
+    with Record() as mode:
+        assert not eager_triton(q, k, v)
+        _public(q, k, v)
+    assert any("local_attn_fwd_triton" in op for op in mode.ops), mode.ops
+    assert not eager_triton(q.as_subclass(torch.nn.Parameter))
+    seen = []
+    torch.func.vmap(lambda x: seen.append(eager_triton(x)) or x)(q)
+    assert seen == [False]

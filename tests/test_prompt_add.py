@@ -678,3 +678,43 @@ def test_triton_wide_matches_reference(wide_triton, dtype):
     for name in g_ex:
         scale = g_ex[name].abs().max().item()
         torch.testing.assert_close(g[name].double(), g_ex[name], rtol=tol, atol=tol * scale, msg=name)
+
+
+# ---- eager calls of the Triton backend run its launchers directly (_dispatch.eager_triton) ---------
+
+
+def test_triton_eager_path_matches_the_registered_ops(monkeypatch):
+    """Same outputs and gradients, bitwise, as through the registered ops, without their dispatch."""
+    import importlib
+
+    from sa2vp_kernels import _dispatch
+    from sa2vp_kernels.triton import prompt_add as tpa
+
+    pa = importlib.import_module("sa2vp_kernels.prompt_add")  # (sk.prompt_add is the function)
+
+    base = _inputs(2, 7, 24, 3, deep=True, seed=31)
+    go = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(pa, "eager_triton", lambda *t, eager=eager: eager)
+        t = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in base.items()}
+        out = _call(sk.prompt_add, t, 0.7, dropout_p=0.3, seed=5, backend="triton")
+        grads = torch.autograd.grad(out, [v for v in t.values() if v is not None], go)
+        with torch.no_grad():
+            plain = _call(sk.prompt_add, t, 0.7, dropout_p=0.3, seed=5, backend="triton")
+        results.append((out.detach(), plain, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the registered op was dispatched")
+
+    monkeypatch.setattr(pa, "eager_triton", _dispatch.eager_triton)
+    monkeypatch.setattr(tpa, "prompt_add_fwd_triton", boom)
+    monkeypatch.setattr(tpa, "prompt_add_bwd_triton", boom)
+    t = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in base.items()}
+    out = _call(sk.prompt_add, t, 0.7, dropout_p=0.3, seed=5, backend="triton")
+    g = torch.autograd.grad(out, t["message"], go, create_graph=True)[0]
+    assert torch.equal(g.detach(), results[0][3])
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.sum(), t["message"])

@@ -108,7 +108,7 @@ def _attention_cases(quick: bool):
 def _record_attention(quick: bool):
     import torch
     from . import local_attn as mod
-    fwd, bwd = mod.local_attn_fwd_triton._init_fn, mod.local_attn_bwd_triton._init_fn
+    fwd, bwd = mod.local_attn_fwd, mod.local_attn_bwd
     for label, B, H, gh, gw, D, T, window, dtype in _attention_cases(quick):
         N = T + gh * gw
         q, k, v = (torch.empty((B, H, N, D), dtype=dtype, device="meta") for _ in range(3))
@@ -121,7 +121,7 @@ def _record_attention(quick: bool):
 def _record_prompt_add(quick: bool):
     import torch
     from . import prompt_add as mod
-    fwd, bwd = mod.prompt_add_fwd_triton._init_fn, mod.prompt_add_bwd_triton._init_fn
+    fwd, bwd = mod.prompt_add_fwd, mod.prompt_add_bwd
     # (label, B, N, C, r, deep, dropout_p, dtype)
     cases = [("bench C=768 r=16 bf16 p=0.1 deep", 64, 197, 768, 16, True, 0.1, torch.bfloat16)]
     if not quick:

@@ -859,8 +859,7 @@ def _launch(kernel, grid, *args, **meta):
     wrap_triton(kernel)[grid](*args, **meta)
 
 
-@triton_op("sa2vp_kernels::local_attn_fwd_triton", mutates_args=())
-def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: int, grid_w: int,
+def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: int, grid_w: int,
                           window: int, num_prefix: int, zero_border: bool, scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out, lse)``, out contiguous in q's dtype, lse float32 (float64 for float64)."""
@@ -895,8 +894,7 @@ def local_attn_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
     return out, lse
 
 
-@triton_op("sa2vp_kernels::local_attn_bwd_triton", mutates_args=())
-def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def local_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse: torch.Tensor, grid_h: int, grid_w: int, window: int,
                           num_prefix: int, zero_border: bool, scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -969,6 +967,12 @@ def local_attn_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
             STAGES=cfg.stages, num_warps=cfg.num_warps,
         )
     return dq, dk, dv
+
+
+# The registered ops (what torch.compile, export and opcheck see); eager calls from the public API run
+# the launchers above directly (sa2vp_kernels._dispatch.eager_triton).
+local_attn_fwd_triton = triton_op("sa2vp_kernels::local_attn_fwd_triton", mutates_args=())(local_attn_fwd)
+local_attn_bwd_triton = triton_op("sa2vp_kernels::local_attn_bwd_triton", mutates_args=())(local_attn_bwd)
 
 
 if _INTERPRETED:

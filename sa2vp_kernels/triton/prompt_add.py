@@ -502,8 +502,7 @@ def _dropout_args(dropout_p: float, seed: int):
             as_i32(stream_key(seed, OUTPUT_STREAM)))
 
 
-@triton_op("sa2vp_kernels::prompt_add_fwd_triton", mutates_args=())
-def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weight: torch.Tensor,
+def prompt_add_fwd(target: torch.Tensor, message: torch.Tensor, norm_weight: torch.Tensor,
                           norm_bias: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
                           up_weight: torch.Tensor, up_bias: torch.Tensor, deep: Optional[torch.Tensor],
                           deep_scale: Optional[torch.Tensor], scale: float, dropout_p: float, eps: float,
@@ -528,8 +527,7 @@ def prompt_add_fwd_triton(target: torch.Tensor, message: torch.Tensor, norm_weig
     return out, mean, rstd, z
 
 
-@triton_op("sa2vp_kernels::prompt_add_bwd_triton", mutates_args=())
-def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                           z: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                           down_weight: torch.Tensor, up_weight: torch.Tensor, scale: float, dropout_p: float,
                           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -575,6 +573,12 @@ def prompt_add_bwd_triton(grad_out: torch.Tensor, message: torch.Tensor, mean: t
     dt = message.dtype
     return (grad_message, grad_norm_weight.to(dt), grad_norm_bias.to(dt), grad_down_weight.to(dt),
             grad_down_bias.to(dt), grad_up_weight.to(dt), grad_up_bias.to(dt))
+
+
+# The registered ops (what torch.compile, export and opcheck see); eager calls from the public API run
+# the launchers above directly (sa2vp_kernels._dispatch.eager_triton).
+prompt_add_fwd_triton = triton_op("sa2vp_kernels::prompt_add_fwd_triton", mutates_args=())(prompt_add_fwd)
+prompt_add_bwd_triton = triton_op("sa2vp_kernels::prompt_add_bwd_triton", mutates_args=())(prompt_add_bwd)
 
 
 _INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.jit.JITFunction)
