@@ -5,9 +5,15 @@
 // Written in C++ rather than with torch.library.register_autograd: a call then costs a few
 // microseconds of host time instead of tens, which matters on a GPU, where these kernels take tens of
 // microseconds. (The Triton ops keep their Python autograd in sa2vp_kernels/<op>.py.)
+//
+// The backward ops have no derivative: their Autograd kernel is PyTorch's "not implemented" one, so a
+// second derivative (create_graph=True, then a backward through the first) raises an error naming the
+// op instead of treating the backward as constant (which PyTorch does, with a warning, for ops with
+// no Autograd kernel at all: a silently wrong zero).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -210,4 +216,7 @@ TORCH_LIBRARY_IMPL(sa2vp_kernels, Autograd, m) {
   m.impl("local_attn_fwd", &sa2vp::local_attn_fwd_autograd);
   m.impl("prompt_add_fwd", &sa2vp::prompt_add_fwd_autograd);
   m.impl("prompt_map_fwd", &sa2vp::prompt_map_fwd_autograd);
+  m.impl("local_attn_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("prompt_add_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("prompt_map_bwd", torch::autograd::autogradNotImplementedFallback());
 }
