@@ -220,6 +220,17 @@ __device__ __forceinline__ void axpy_frag(A (&f)[VPL][N], A c, const Pack<T, N> 
   }
 }
 
+// a = a_next, b = b_next (the prefetching loops' rows, once the current ones are processed).
+template <int VPL, class T, int N>
+__device__ __forceinline__ void shift_rows(Pack<T, N> (&a)[VPL], const Pack<T, N> (&a_next)[VPL],
+                                           Pack<T, N> (&b)[VPL], const Pack<T, N> (&b_next)[VPL]) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    a[i] = a_next[i];
+    b[i] = b_next[i];
+  }
+}
+
 // Writes mul * f to the lane's vectors of a contiguous output row.
 template <int VPL, class T, int N, class A>
 __device__ __forceinline__ void store_row(T* row, const A (&f)[VPL][N], A mul, int v0, int nv,
@@ -486,11 +497,7 @@ __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
         const A e = fexp(s - m);
         l += e;
         axpy_frag(acc, e, vr);
-  #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          kr[i] = kn[i];
-          vr[i] = vn[i];
-        }
+        shift_rows(kr, kn, vr, vn);
       }
     } else {
       for (int yy = win.y0; yy <= win.y1; ++yy) {
@@ -712,11 +719,7 @@ __device__ void dq_grid_query(const BwdParams<T>& p, const Group& g) {
         group_sum2(s, dp, g);
         const A pr = fexp(s * p.scale - lse);
         axpy_frag(acc, pr * (dp - delta), kr);
-  #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          kr[i] = kn[i];
-          vr[i] = vn[i];
-        }
+        shift_rows(kr, kn, vr, vn);
       }
     } else {
       for (int yy = win.y0; yy <= win.y1; ++yy) {
@@ -880,11 +883,7 @@ __global__ void __launch_bounds__(kThreads) local_attn_dkdv_kernel(const BwdPara
         const A pr = fexp(s * p.scale - lse);
         axpy_frag(dv, pr, dor);
         axpy_frag(dk, pr * (dp - delta), qr);
-  #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          qr[i] = qn[i];
-          dor[i] = don[i];
-        }
+        shift_rows(qr, qn, dor, don);
         lse = lse_n;
         delta = delta_n;
       }

@@ -119,6 +119,31 @@ __device__ __forceinline__ A gelu_grad(A z) {
   return cdf + z * exp(A(-0.5) * z * z) * A(0.39894228040143267794);
 }
 
+// acc[i][e] += sum_j lo[i * r + j] * w[j * C + c0 + e] for the warp's rows i (lo: R x r in shared
+// memory, w: an (r, C) weight): the loads of kJLoads weight rows are issued together (past r: row
+// r - 1, not used), the sums run over j in order.
+template <typename T, int V, int R, typename A>
+__device__ __forceinline__ void add_low_rank(A (&acc)[R][V], const A* lo, int r, const T* w, int C, int c0) {
+  for (int j0 = 0; j0 < r; j0 += kJLoads) {
+    A wv[kJLoads][V];
+#pragma unroll
+    for (int jj = 0; jj < kJLoads; ++jj) {
+      load_vec<T, V>(w + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, wv[jj]);
+    }
+#pragma unroll
+    for (int jj = 0; jj < kJLoads; ++jj) {
+      if (j0 + jj < r) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const A lij = lo[i * r + j0 + jj];
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[i][e] += lij * wv[jj][e];
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 struct FwdParams {
   const T* message;
@@ -287,24 +312,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> 
 #pragma unroll
       for (int e = 0; e < V; ++e) u[i][e] = bu[e];
     }
-    for (int j0 = 0; j0 < r; j0 += kJLoads) {
-      A w[kJLoads][V];  // the loads of kJLoads ranks first (past r: row r - 1, not used)
-#pragma unroll
-      for (int jj = 0; jj < kJLoads; ++jj) {
-        load_vec<T, V>(p.wu_t + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, w[jj]);
-      }
-#pragma unroll
-      for (int jj = 0; jj < kJLoads; ++jj) {
-        if (j0 + jj < r) {
-#pragma unroll
-          for (int i = 0; i < R; ++i) {
-            const A hij = hs[i * r + j0 + jj];
-#pragma unroll
-            for (int e = 0; e < V; ++e) u[i][e] += hij * w[jj][e];
-          }
-        }
-      }
-    }
+    add_low_rank<T, V>(u, hs, r, p.wu_t, C, c0);
     A ds[V];
     if (p.deep != nullptr) load_vec<T, V>(p.deep_scale + c0, ds);
 #pragma unroll
@@ -463,24 +471,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
 #pragma unroll
       for (int e = 0; e < V; ++e) gy[i][e] = 0;
     }
-    for (int j0 = 0; j0 < r; j0 += kJLoads) {
-      A w[kJLoads][V];  // the loads of kJLoads ranks first (past r: row r - 1, not used)
-#pragma unroll
-      for (int jj = 0; jj < kJLoads; ++jj) {
-        load_vec<T, V>(p.wd + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, w[jj]);
-      }
-#pragma unroll
-      for (int jj = 0; jj < kJLoads; ++jj) {
-        if (j0 + jj < r) {
-#pragma unroll
-          for (int i = 0; i < R; ++i) {
-            const A gzij = gzs[i * r + j0 + jj];
-#pragma unroll
-            for (int e = 0; e < V; ++e) gy[i][e] += gzij * w[jj][e];
-          }
-        }
-      }
-    }
+    add_low_rank<T, V>(gy, gzs, r, p.wd, C, c0);
     A ga[V];
     load_vec<T, V>(p.gamma + c0, ga);
 #pragma unroll
