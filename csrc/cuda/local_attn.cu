@@ -231,6 +231,21 @@ __device__ __forceinline__ void shift_rows(Pack<T, N> (&a)[VPL], const Pack<T, N
   }
 }
 
+// One key of an online softmax: running max m, sum l and weighted value sum acc take score s and
+// value row vr.
+template <int VPL, class A, class T, int N>
+__device__ __forceinline__ void online_softmax_step(A& m, A& l, A (&acc)[VPL][N], A s, const Pack<T, N> (&vr)[VPL]) {
+  if (s > m) {
+    const A a = fexp(m - s);
+    l *= a;
+    scale_frag(acc, a);
+    m = s;
+  }
+  const A e = fexp(s - m);
+  l += e;
+  axpy_frag(acc, e, vr);
+}
+
 // Writes mul * f to the lane's vectors of a contiguous output row.
 template <int VPL, class T, int N, class A>
 __device__ __forceinline__ void store_row(T* row, const A (&f)[VPL][N], A mul, int v0, int nv,
@@ -488,15 +503,7 @@ __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
           load_row(vn, p.v.row(b, h, keys.key), 0, geo.nv, g);
         }
         const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
-        if (s > m) {
-          const A a = fexp(m - s);
-          l *= a;
-          scale_frag(acc, a);
-          m = s;
-        }
-        const A e = fexp(s - m);
-        l += e;
-        axpy_frag(acc, e, vr);
+        online_softmax_step(m, l, acc, s, vr);
         shift_rows(kr, kn, vr, vn);
       }
     } else {
@@ -507,15 +514,7 @@ __device__ void fwd_grid_query(const FwdParams<T>& p, const Group& g) {
           load_row(kr, p.k.row(b, h, nk), 0, geo.nv, g);
           load_row(vr, p.v.row(b, h, nk), 0, geo.nv, g);
           const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
-          if (s > m) {
-            const A a = fexp(m - s);
-            l *= a;
-            scale_frag(acc, a);
-            m = s;
-          }
-          const A e = fexp(s - m);
-          l += e;
-          axpy_frag(acc, e, vr);
+          online_softmax_step(m, l, acc, s, vr);
         }
       }
     }
@@ -580,15 +579,7 @@ __device__ void fwd_prefix_query(const FwdParams<T>& p, const Group& g,
       load_row(kr, p.k.row(b, h, j), 0, geo.nv, g);
       load_row(vr, p.v.row(b, h, j), 0, geo.nv, g);
       const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
-      if (s > m) {
-        const A a = fexp(m - s);
-        l *= a;
-        scale_frag(acc, a);
-        m = s;
-      }
-      const A e = fexp(s - m);
-      l += e;
-      axpy_frag(acc, e, vr);
+      online_softmax_step(m, l, acc, s, vr);
     }
     block_merge_softmax(m, l, acc, g, smem);
     if (writer) store_row(orow, acc, A(1) / l, 0, geo.nv, g);
