@@ -161,3 +161,22 @@ def test_profile_section(tmp_path):
     text = report.report(path, make_plot=False)[0].read_text()
     assert "### Kernel profile" in text and "sa2vp_kernels::prompt_add_bwd" in text
     assert "Kernel profile" in report.summary(json.loads(path.read_text()))
+
+
+def test_triton_host_script(tmp_path):
+    """bench/triton_host.py times both paths of every case (in its own process: it stubs the launches)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "triton_host.py"
+    proc = subprocess.run([sys.executable, str(script), "--rounds", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("cpu-triton-host-*.json")
+    rows = json.loads(path.read_text())["host"]
+    assert {(r["op"], r["call"]) for r in rows} == {
+        (op, call) for op in ("local_cross_attention", "prompt_add")
+        for call in ("fwd (no grad)", "fwd (grad)", "fwd+bwd")}
+    assert all(r["eager_us"] > 0 and r["registered_us"] > 0 for r in rows)
