@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ext
-from ._dispatch import resolve_backend, triton_available
+from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import prompt_map as _ref
 
 
@@ -69,6 +69,22 @@ if triton_available():
         _make_backward(_triton_prompt_map.prompt_map_bwd_triton),
         setup_context=_setup_context,
     )
+    _eager_backward = _make_backward(_triton_prompt_map.prompt_map_bwd)
+
+
+class _EagerTritonPromptMap(torch.autograd.Function):
+    """The registered Triton ops' forward and backward, for eager calls (``_dispatch.eager_triton``)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _triton_ops.prompt_map_fwd(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    @first_derivative_only('prompt_map with backend="triton"')
+    def backward(ctx, grad_out):
+        return _eager_backward(ctx, grad_out)
 
 
 @torch.compiler.assume_constant_result
@@ -153,5 +169,10 @@ def prompt_map(embed, weight, bias, pos_embed, grid, *, num_prefix=1, embed_grid
     pos_embed = None if pos_embed is None else pos_embed.contiguous()
     args = (embed, weight, bias, pos_embed, gh, gw, eh, ew, num_prefix)
     if backend == "triton":
-        return _triton_ops.prompt_map_fwd_triton(*args)
+        tensors = args[:4]
+        if not eager_triton(*tensors):
+            return _triton_ops.prompt_map_fwd_triton(*args)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _EagerTritonPromptMap.apply(*args)
+        return _triton_ops.prompt_map_fwd(*args)
     return torch.ops.sa2vp_kernels.prompt_map_fwd(*args)

@@ -448,3 +448,38 @@ def test_edge_grids_against_float64(backend, case):
     for dtype in EDGE_CPU_DTYPES if device == "cpu" else EDGE_GPU_DTYPES:  # all run, failures reported together
         errors += _edge_grid_errors(backend, device, dtype, case)
     assert not errors, "\n".join(errors)
+
+
+# ---- eager calls of the Triton backend run its launchers directly (_dispatch.eager_triton) ---------
+
+
+def test_triton_eager_path_matches_the_registered_ops(monkeypatch):
+    """Same outputs and gradients, bitwise, as through the registered ops, without their dispatch."""
+    import importlib
+
+    from sa2vp_kernels import _dispatch
+    from sa2vp_kernels.triton import prompt_map as tpm
+
+    pm = importlib.import_module("sa2vp_kernels.prompt_map")  # (sk.prompt_map is the function)
+    base = _inputs((3, 4), (2, 5), 1, 24, 3, seed=41)
+    go = torch.randn(1, 13, 24, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(pm, "eager_triton", lambda *t, eager=eager: eager)
+        leaves = [t.detach().clone().requires_grad_(True) for t in base]
+        out = sk.prompt_map(*leaves, (3, 4), embed_grid=(2, 5), backend="triton")
+        with torch.no_grad():
+            plain = sk.prompt_map(*leaves, (3, 4), embed_grid=(2, 5), backend="triton")
+        results.append((out.detach(), plain, *torch.autograd.grad(out, leaves, go)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the registered op was dispatched")
+
+    monkeypatch.setattr(pm, "eager_triton", _dispatch.eager_triton)
+    monkeypatch.setattr(tpm, "prompt_map_fwd_triton", boom)
+    monkeypatch.setattr(tpm, "prompt_map_bwd_triton", boom)
+    leaves = [t.detach().clone().requires_grad_(True) for t in base]
+    out = sk.prompt_map(*leaves, (3, 4), embed_grid=(2, 5), backend="triton")
+    assert torch.equal(torch.autograd.grad(out, leaves[0], go)[0], results[0][2])

@@ -159,7 +159,7 @@ def _record_prompt_add(quick: bool):
 def _record_prompt_map(quick: bool):
     import torch
     from . import prompt_map as mod
-    fwd, bwd = mod.prompt_map_fwd_triton._init_fn, mod.prompt_map_bwd_triton._init_fn
+    fwd, bwd = mod.prompt_map_fwd, mod.prompt_map_bwd
     # (label, grid, embed grid, C, r, num_prefix, dtype)
     cases = [("bench 14x14 C=768 r=16 bf16", (14, 14), (14, 14), 768, 16, 1, torch.bfloat16)]
     if not quick:

@@ -246,8 +246,7 @@ def _launch(kernel, grid, *args, **meta):
     wrap_triton(kernel)[grid](*args, **meta)
 
 
-@triton_op("sa2vp_kernels::prompt_map_fwd_triton", mutates_args=())
-def prompt_map_fwd_triton(embed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def prompt_map_fwd(embed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           pos_embed: Optional[torch.Tensor], grid_h: int, grid_w: int, embed_h: int,
                           embed_w: int, num_prefix: int) -> torch.Tensor:
     embed, weight = embed.contiguous(), weight.contiguous()
@@ -267,8 +266,7 @@ def prompt_map_fwd_triton(embed: torch.Tensor, weight: torch.Tensor, bias: Optio
     return out
 
 
-@triton_op("sa2vp_kernels::prompt_map_bwd_triton", mutates_args=())
-def prompt_map_bwd_triton(grad_out: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor, grid_h: int,
+def prompt_map_bwd(grad_out: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor, grid_h: int,
                           grid_w: int, embed_h: int, embed_w: int, num_prefix: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, embed, weight = grad_out.contiguous(), embed.contiguous(), weight.contiguous()
@@ -307,3 +305,9 @@ def prompt_map_bwd_triton(grad_out: torch.Tensor, embed: torch.Tensor, weight: t
         FP64=fp64, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_R=block_r,
     )
     return d_embed, d_weight, d_bias
+
+
+# The registered ops (what torch.compile, export and opcheck see); eager calls from the public API run
+# the launchers above directly (sa2vp_kernels._dispatch.eager_triton).
+prompt_map_fwd_triton = triton_op("sa2vp_kernels::prompt_map_fwd_triton", mutates_args=())(prompt_map_fwd)
+prompt_map_bwd_triton = triton_op("sa2vp_kernels::prompt_map_bwd_triton", mutates_args=())(prompt_map_bwd)
