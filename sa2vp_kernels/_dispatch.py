@@ -65,7 +65,8 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
 
 def eager_triton(*tensors) -> bool:
     """Whether a Triton op may run its launcher directly instead of through its ``torch.library``
-    registration: in eager mode, on plain tensors, with no functorch transform or dispatch mode active.
+    registration: in eager mode, on plain tensors or parameters, with no functorch transform or dispatch
+    mode active.
 
     The registered op is what ``torch.compile``, export, opcheck and dispatch modes (fake tensors, flop
     counters) see, and it stays the path there. In eager mode its Python dispatch and generated autograd
@@ -76,7 +77,11 @@ def eager_triton(*tensors) -> bool:
         return False
     if _get_current_dispatch_mode() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    # plain tensors and parameters (which disable __torch_function__); no other subclass
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def first_derivative_only(what: str):

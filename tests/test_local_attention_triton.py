@@ -322,7 +322,12 @@ def test_dispatch_modes_and_transforms_see_the_registered_ops():
         assert not eager_triton(q, k, v)
         _public(q, k, v)
     assert any("local_attn_fwd_triton" in op for op in mode.ops), mode.ops
-    assert not eager_triton(q.as_subclass(torch.nn.Parameter))
+    assert eager_triton(torch.nn.Parameter(q))  # a model's weights
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert not eager_triton(q.as_subclass(Subclass))
     seen = []
     torch.func.vmap(lambda x: seen.append(eager_triton(x)) or x)(q)
     assert seen == [False]

@@ -712,7 +712,9 @@ def test_triton_eager_path_matches_the_registered_ops(monkeypatch):
     monkeypatch.setattr(pa, "eager_triton", _dispatch.eager_triton)
     monkeypatch.setattr(tpa, "prompt_add_fwd_triton", boom)
     monkeypatch.setattr(tpa, "prompt_add_bwd_triton", boom)
-    t = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in base.items()}
+    # the weights as a model holds them: nn.Parameter
+    t = {k: None if v is None else (v.detach().clone().requires_grad_(True) if k in ("target", "message")
+                                    else nn.Parameter(v.detach().clone())) for k, v in base.items()}
     out = _call(sk.prompt_add, t, 0.7, dropout_p=0.3, seed=5, backend="triton")
     g = torch.autograd.grad(out, t["message"], go, create_graph=True)[0]
     assert torch.equal(g.detach(), results[0][3])
