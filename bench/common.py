@@ -813,6 +813,16 @@ def dumps_results(results: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def write_json(path: Path, data: dict) -> Path:
+    """``data`` as indented JSON at ``path``, written atomically (a temporary file renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_results(results: dict, paths: Sequence[Path]) -> None:
     results["ratios"] = compute_ratios(results["records"])
     text = dumps_results(results)

@@ -14,8 +14,6 @@ bench/results/cpu-targets-<date>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -56,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
+    if args.rounds < 2:
+        ap.error(f"--rounds must be at least 2 (the per-round ratios' quartiles need two), got {args.rounds}")
     torch.set_num_threads(args.threads)
     results = common.new_results(CPU, source="bench/cpu_targets.py (interleaved rounds)")
     results["meta"]["rounds"] = args.rounds
@@ -88,11 +88,7 @@ def main(argv=None) -> int:
                   + (f"  target >= {target:g}x: {'met' if row['met'] else 'NOT met'}" if "target" in row else ""),
                   flush=True)
     results["ratios"] = rows
-    out = Path(args.out) / f"cpu-targets-{results['meta']['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = common.write_json(Path(args.out) / f"cpu-targets-{results['meta']['date']}.json", results)
     print(f"results: {out}")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -116,11 +115,7 @@ def main(argv=None) -> int:
               f"{rows[-1]['ratio']:.2f}x", flush=True)
     _set_path("eager")
     results["host"] = rows
-    out = Path(args.out) / f"cpu-triton-host-{results['meta']['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = common.write_json(Path(args.out) / f"cpu-triton-host-{results['meta']['date']}.json", results)
     print(f"results: {out}")
     return 0
 
