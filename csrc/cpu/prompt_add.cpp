@@ -554,7 +554,7 @@ SA2VP_AVX2 void bwd_chunk_avx2(const BwdArgs<float>& a, const GroupAcc<float>& a
 
 #ifdef SA2VP_HAVE_SIMD512
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,prfchw")
 namespace s5 = simd512;
 
 // AVX-512 chunks (float32). The LayerNorm's affine is folded into the down projection,
@@ -614,15 +614,25 @@ void fwd_chunk_512(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* h) 
     a.rstd[m0 + i] = rs[i];
     out_state[i] = hash::row_state(a.drop->key_out, static_cast<uint32_t>(m0 + i));
   }
+  // The rows of the next chunk (message and target to read, out to write) are fetched during this
+  // chunk's products, spread over about the first half of them (rowdot_rows and expand_rows step the
+  // queue rows * r * C / 256 times each).
+  s5::Prefetch pf(C);
+  const int64_t next_end = std::min(m0 + 2 * kRows, a.M);
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.msg(i));
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.tgt(i));
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add_write(a.out + i * C);
+  pf.spread_over(rows * r * C / 256);
   float* z = a.z + m0 * r;
-  s5::rowdot_rows<true>(x, mu, rows, a.wg, r, C, z, r);
+  s5::rowdot_rows<true>(x, mu, rows, a.wg, r, C, z, r, &pf);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < r; ++j) z[i * r + j] = rs[i] * z[i * r + j] + a.beff[j];
     hidden512(*a.drop, m0 + i, z + i * r, r, h + i * r, nullptr);
   }
   const FwdEpilogue epi{t, a.out + m0 * C, a.deep, a.deep_scale, out_state, C, a.N, m0,
                         a.scale * static_cast<float>(a.drop->inv_keep), a.drop->threshold, a.drop->active};
-  s5::expand_rows(h, r, rows, r, a.wu_t, C, a.bu, epi);
+  s5::expand_rows(h, r, rows, r, a.wu_t, C, a.bu, epi, &pf);
+  pf.drain();
 }
 
 // xhat = (x - mean) * rstd of row i.
@@ -682,9 +692,17 @@ void bwd_chunk_512(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t 
     }
     hidden512(drop, m, a.z + m * r, r, h + i * r, dh + i * r);
   }
+  // The rows of the next chunk (grad_out and message to read, grad_message to write) are fetched
+  // during this chunk's four products, spread over about the first half of them.
+  s5::Prefetch pf(C);
+  const int64_t next_end = std::min(m0 + 2 * kRows, a.M);
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.gout(i));
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.msg(i));
+  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add_write(a.gmsg + i * C);
+  pf.spread_over(rows * r * C / 128);
   // grad_up_weight^T += h^T @ gu;  gh = gu @ up_weight.
-  s5::outer_rows(h, r, rows, r, acc.up_w_t, C, s5::PlainRows{g, C});
-  s5::rowdot_rows<false>(gp, nullptr, rows, a.wu_t, r, C, gz, r);
+  s5::outer_rows(h, r, rows, r, acc.up_w_t, C, s5::PlainRows{g, C}, &pf);
+  s5::rowdot_rows<false>(gp, nullptr, rows, a.wu_t, r, C, gz, r, &pf);
   // gz = gh * drop'(gelu'(z)); c1 = mean_c(gy * gamma).
   for (int64_t i = 0; i < rows; ++i) {
     float s1 = 0.f;
@@ -697,11 +715,12 @@ void bwd_chunk_512(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t 
     c1[i] = s1 / static_cast<float>(C);
   }
   // A += gz^T @ xhat.
-  s5::outer_rows(gz, r, rows, r, acc.a, C, XhatRows{x, mu, rs});
+  s5::outer_rows(gz, r, rows, r, acc.a, C, XhatRows{x, mu, rs}, &pf);
   // grad_message in two passes: rstd * (gy*gamma - c1), then - rstd * c2 * xhat.
   float* gmsg = a.gmsg + m0 * C;
   const LayerNormBwdEpilogue epi{x, mu, rs, c1, dot, gmsg, C};
-  s5::expand_rows(gz, r, rows, r, a.wg, C, static_cast<const float*>(nullptr), epi);
+  s5::expand_rows(gz, r, rows, r, a.wg, C, static_cast<const float*>(nullptr), epi, &pf);
+  pf.drain();
   for (int64_t i = 0; i < rows; ++i) {
     const s5::V k = s5::set1(rs[i] * _mm512_reduce_add_ps(dot[i]) / static_cast<float>(C));
     const XhatRows xhat{x, mu, rs};
