@@ -553,8 +553,7 @@ SA2VP_AVX2 void bwd_chunk_avx2(const BwdArgs<float>& a, const GroupAcc<float>& a
 #endif
 
 #ifdef SA2VP_HAVE_SIMD512
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,prfchw")
+SA2VP_SIMD512_BEGIN
 namespace s5 = simd512;
 
 // AVX-512 chunks (float32). The LayerNorm's affine is folded into the down projection,
@@ -732,7 +731,7 @@ void bwd_chunk_512(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t 
   }
 }
 
-#pragma GCC pop_options
+SA2VP_SIMD512_END
 #endif
 
 template <>

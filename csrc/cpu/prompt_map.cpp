@@ -193,8 +193,7 @@ void backward_kernel(const scalar_t* grad, const scalar_t* embed, const scalar_t
 }
 
 #ifdef SA2VP_HAVE_SIMD512
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+SA2VP_SIMD512_BEGIN
 namespace s5 = simd512;
 
 // out row n0 + i = value [+ pos_embed row].
@@ -267,7 +266,7 @@ void backward_512(const float* grad, const float* embed, const float* weight, fl
   adjoint_resample(d_res.data(), d_embed, s);
 }
 
-#pragma GCC pop_options
+SA2VP_SIMD512_END
 #endif
 
 void check_cpu(const at::Tensor& t, const char* name) {

@@ -23,8 +23,15 @@
 
 #include "../prompt_add.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,prfchw")
+// Opens and closes a region compiled for the instruction sets of this file. Code that calls into it
+// must be in such a region too: GCC does not inline a function compiled for more instruction sets than
+// its caller, and the small helpers below are always_inline, so a mismatch fails to compile instead of
+// silently turning every vector load into a call.
+#define SA2VP_SIMD512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,prfchw\")")
+#define SA2VP_SIMD512_END _Pragma("GCC pop_options")
+
+SA2VP_SIMD512_BEGIN
 
 // Fully unrolled loops over the register blocks keep the accumulators in registers.
 #define SA2VP_UNROLL _Pragma("GCC unroll 16")
@@ -35,18 +42,20 @@ namespace {
 
 using V = __m512;
 
-inline V set1(float x) { return _mm512_set1_ps(x); }
+#define SA2VP_SIMD512_INLINE inline __attribute__((always_inline))
+
+SA2VP_SIMD512_INLINE V set1(float x) { return _mm512_set1_ps(x); }
 
 // Lanes [0, n) of a vector; all 16 when n >= 16.
-inline __mmask16 lanes(int64_t n) {
+SA2VP_SIMD512_INLINE __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-inline V load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store(float* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+SA2VP_SIMD512_INLINE V load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+SA2VP_SIMD512_INLINE void store(float* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
 
 // Mask of the vector starting at column c of a row of C floats.
-inline __mmask16 col_mask(int64_t c, int64_t C) { return lanes(C - c); }
+SA2VP_SIMD512_INLINE __mmask16 col_mask(int64_t c, int64_t C) { return lanes(C - c); }
 
 // ---- element-wise math ------------------------------------------------------------------------
 
@@ -170,7 +179,7 @@ struct Prefetch {
   }
 };
 
-inline void pf_step(Prefetch* pf) {
+SA2VP_SIMD512_INLINE void pf_step(Prefetch* pf) {
   if (pf != nullptr) pf->step();
 }
 
@@ -403,6 +412,6 @@ struct PlainRows {
 }  // namespace sa2vp
 
 #undef SA2VP_UNROLL
-#pragma GCC pop_options
+SA2VP_SIMD512_END
 
 #endif
