@@ -808,13 +808,31 @@ struct FoldedDown {
 };
 
 FoldedDown fold_down(CpuIsa isa, const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& dw,
-                     const at::Tensor& db) {
+                     const c10::optional<at::Tensor>& db) {
   FoldedDown f;
   if (isa != CpuIsa::kAvx512 || dw.scalar_type() != at::kFloat) return f;
-  const at::Tensor wg64 = dw.to(at::kDouble) * nw.to(at::kDouble).unsqueeze(0);
-  f.wg = wg64.to(at::kFloat).contiguous();
-  f.beff = (db.to(at::kDouble) + at::mv(dw.to(at::kDouble), nb.to(at::kDouble))).to(at::kFloat).contiguous();
-  f.wg_sum = wg64.sum(1).to(at::kFloat).contiguous();
+  // Plain loops (r x C values): a handful of ATen calls here cost more than the arithmetic.
+  const int64_t r = dw.size(0), C = dw.size(1);
+  f.wg = at::empty({r, C}, dw.options());
+  f.beff = at::empty({r}, dw.options());
+  f.wg_sum = at::empty({r}, dw.options());
+  const float* w = dw.data_ptr<float>();
+  const float* gamma = nw.data_ptr<float>();
+  const float* beta = nb.data_ptr<float>();
+  const float* bias = db.has_value() ? db->data_ptr<float>() : nullptr;
+  float* wg = f.wg.data_ptr<float>();
+  for (int64_t j = 0; j < r; ++j) {
+    double sum = 0.0, shift = bias != nullptr ? static_cast<double>(bias[j]) : 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double wjc = static_cast<double>(w[j * C + c]);
+      const double v = wjc * static_cast<double>(gamma[c]);
+      wg[j * C + c] = static_cast<float>(v);
+      sum += v;
+      shift += wjc * static_cast<double>(beta[c]);
+    }
+    f.beff.data_ptr<float>()[j] = static_cast<float>(shift);
+    f.wg_sum.data_ptr<float>()[j] = static_cast<float>(sum);
+  }
   return f;
 }
 
@@ -896,7 +914,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_uw = at::empty({C, r}, nw.options()), g_ub = at::empty({C}, nw.options());
   const Dropout drop(dropout_p, seed);
   const CpuIsa isa = cpu_isa();
-  FoldedDown fold = fold_down(isa, nw, nb, dw, at::zeros({r}, nw.options()));
+  FoldedDown fold = fold_down(isa, nw, nb, dw, c10::nullopt);
   AT_DISPATCH_FLOATING_TYPES(dtype, "prompt_add_bwd_cpu", [&] {
     using T = scalar_t;
     // Group partials: (r, C) sums of h^T @ gu and gz^T @ xhat, (C,) sums of gu, (r,) sums of gz.
