@@ -98,28 +98,34 @@ SA2VP_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// y = alpha * x
+// o[0..D) = post * sum_c w[c] * rows[c][0..D), the sum over c in order for every element. The sums
+// stay in registers block by block of columns, so o is written once instead of once per row.
 template <class S, typename T>
-SA2VP_ALWAYS_INLINE void scale_to(T* y, const T* x, T alpha, int64_t n) {
+SA2VP_ALWAYS_INLINE void weighted_rows(T* o, const T* w, const T* const* rows, int64_t n, int64_t D, T post) {
   constexpr int64_t L = S::kLanes;
-  const auto va = S::splat(alpha);
-  int64_t i = 0;
-  for (; i + L <= n; i += L) S::store(y + i, va * S::load(x + i));
-  for (; i < n; ++i) y[i] = alpha * x[i];
-}
-
-// y += alpha * x
-template <class S, typename T>
-SA2VP_ALWAYS_INLINE void axpy(T* y, const T* x, T alpha, int64_t n) {
-  constexpr int64_t L = S::kLanes;
-  const auto va = S::splat(alpha);
-  int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    S::store(y + i, S::load(y + i) + va * S::load(x + i));
-    S::store(y + i + L, S::load(y + i + L) + va * S::load(x + i + L));
+  constexpr int kBlock = 8;  // vectors per column block
+  const auto vpost = S::splat(post);
+  int64_t d = 0;
+  for (; d + kBlock * L <= D; d += kBlock * L) {
+    typename S::Vec acc[kBlock];
+    for (int k = 0; k < kBlock; ++k) acc[k] = S::zero();
+    for (int64_t c = 0; c < n; ++c) {
+      const auto wc = S::splat(w[c]);
+      const T* r = rows[c] + d;
+      for (int k = 0; k < kBlock; ++k) acc[k] += wc * S::load(r + k * L);
+    }
+    for (int k = 0; k < kBlock; ++k) S::store(o + d + k * L, acc[k] * vpost);
   }
-  for (; i + L <= n; i += L) S::store(y + i, S::load(y + i) + va * S::load(x + i));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  for (; d + L <= D; d += L) {
+    auto acc = S::zero();
+    for (int64_t c = 0; c < n; ++c) acc += S::splat(w[c]) * S::load(rows[c] + d);
+    S::store(o + d, acc * vpost);
+  }
+  for (; d < D; ++d) {
+    T acc = T(0);
+    for (int64_t c = 0; c < n; ++c) acc += w[c] * rows[c][d];
+    o[d] = acc * post;
+  }
 }
 
 // ---- problem description ------------------------------------------------------------------------
@@ -204,10 +210,10 @@ struct FwdArgs {
 };
 
 // Attention of query i over the n keys key[0..n): writes out row i and returns its log-sum-exp.
-// `pads` zero-border neighbours count as score 0 with value 0. `s` is scratch of n entries.
+// `pads` zero-border neighbours count as score 0 with value 0. `s` and `rows` are scratch of n entries.
 template <class S, typename T>
 SA2VP_ALWAYS_INLINE T fwd_query(const FwdArgs<T>& a, int64_t b, int64_t h, int64_t i,
-                                const int64_t* key, int64_t n, double pads, T* s) {
+                                const int64_t* key, int64_t n, double pads, T* s, const T** rows) {
   const int64_t D = a.g.D;
   const T* qi = a.q.row(b, h, i);
   T m = pads > 0 ? T(0) : -std::numeric_limits<T>::infinity();
@@ -221,9 +227,8 @@ SA2VP_ALWAYS_INLINE T fwd_query(const FwdArgs<T>& a, int64_t b, int64_t h, int64
     l += s[c];
   }
   T* o = a.out + ((b * a.g.H + h) * a.g.N + i) * D;
-  scale_to<S>(o, a.v.row(b, h, key[0]), s[0], D);
-  for (int64_t c = 1; c < n; ++c) axpy<S>(o, a.v.row(b, h, key[c]), s[c], D);
-  scale_to<S>(o, o, T(1) / l, D);
+  for (int64_t c = 0; c < n; ++c) rows[c] = a.v.row(b, h, key[c]);
+  weighted_rows<S>(o, s, rows, n, D, T(1) / l);
   return m + std::log(l);
 }
 
@@ -232,20 +237,21 @@ SA2VP_ALWAYS_INLINE void fwd_tasks(const FwdArgs<T>& a, int64_t begin, int64_t e
   const Geometry& g = a.g;
   std::vector<T> s(static_cast<size_t>(std::max(g.N, g.slots)));
   std::vector<int64_t> key(static_cast<size_t>(std::max(g.N, g.slots)));
+  std::vector<const T*> rows(static_cast<size_t>(std::max(g.N, g.slots)));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / g.items_per_head(), item = task % g.items_per_head();
     const int64_t b = bh / g.H, h = bh % g.H;
     T* lse = a.lse + bh * g.N;
     if (item < g.prefix) {  // a prefix query attends to every key
       for (int64_t j = 0; j < g.N; ++j) key[j] = j;
-      lse[item] = fwd_query<S>(a, b, h, item, key.data(), g.N, 0.0, s.data());
+      lse[item] = fwd_query<S>(a, b, h, item, key.data(), g.N, 0.0, s.data(), rows.data());
       continue;
     }
     const int64_t y = item - g.prefix;
     for (int64_t x = 0; x < g.gw; ++x) {
       const int64_t n = grid_neighbours(g, y, x, key.data(), nullptr);
       const int64_t i = g.prefix + y * g.gw + x;
-      lse[i] = fwd_query<S>(a, b, h, i, key.data(), n, g.pads(n), s.data());
+      lse[i] = fwd_query<S>(a, b, h, i, key.data(), n, g.pads(n), s.data(), rows.data());
     }
   }
 }
@@ -269,10 +275,12 @@ struct BwdArgs {
 };
 
 // Pass 1 for query i over the n keys key[0..n): stores p_ij and ds_ij = scale * p_ij *
-// (dO_i . v_j - dO_i . O_i) at p[at[c]], ds[at[c]] (at == null: at c) and writes dq_i.
+// (dO_i . v_j - dO_i . O_i) at p[at[c]], ds[at[c]] (at == null: at c) and writes dq_i = sum_j ds_ij k_j.
+// w and rows are scratch of n entries.
 template <class S, typename T>
 SA2VP_ALWAYS_INLINE void bwd_query(const BwdArgs<T>& a, int64_t b, int64_t h, int64_t i,
-                                   const int64_t* key, const int64_t* at, int64_t n, T* p, T* ds) {
+                                   const int64_t* key, const int64_t* at, int64_t n, T* p, T* ds, T* w,
+                                   const T** rows) {
   const int64_t D = a.g.D;
   const int64_t row = (b * a.g.H + h) * a.g.N + i;
   const T* qi = a.q.row(b, h, i);
@@ -287,12 +295,10 @@ SA2VP_ALWAYS_INLINE void bwd_query(const BwdArgs<T>& a, int64_t b, int64_t h, in
     const int64_t o = at != nullptr ? at[c] : c;
     p[o] = pij;
     ds[o] = dsij;
-    if (c == 0) {
-      scale_to<S>(dqi, kj, dsij, D);
-    } else {
-      axpy<S>(dqi, kj, dsij, D);
-    }
+    w[c] = dsij;
+    rows[c] = kj;
   }
+  weighted_rows<S>(dqi, w, rows, n, D, T(1));
 }
 
 template <class S, typename T>
@@ -300,6 +306,8 @@ SA2VP_ALWAYS_INLINE void bwd_query_tasks(const BwdArgs<T>& a, int64_t begin, int
   const Geometry& g = a.g;
   std::vector<int64_t> key(static_cast<size_t>(std::max(g.N, g.slots)));
   std::vector<int64_t> slot(static_cast<size_t>(g.slots));
+  std::vector<T> w(static_cast<size_t>(std::max(g.N, g.slots)));
+  std::vector<const T*> rows(static_cast<size_t>(std::max(g.N, g.slots)));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / g.items_per_head(), item = task % g.items_per_head();
     const int64_t b = bh / g.H, h = bh % g.H;
@@ -307,7 +315,8 @@ SA2VP_ALWAYS_INLINE void bwd_query_tasks(const BwdArgs<T>& a, int64_t begin, int
     T* ds = a.ds + bh * g.pair_values();
     if (item < g.prefix) {
       for (int64_t j = 0; j < g.N; ++j) key[j] = j;
-      bwd_query<S>(a, b, h, item, key.data(), nullptr, g.N, p + item * g.N, ds + item * g.N);
+      bwd_query<S>(a, b, h, item, key.data(), nullptr, g.N, p + item * g.N, ds + item * g.N, w.data(),
+                   rows.data());
       continue;
     }
     const int64_t y = item - g.prefix;
@@ -315,54 +324,67 @@ SA2VP_ALWAYS_INLINE void bwd_query_tasks(const BwdArgs<T>& a, int64_t begin, int
       const int64_t n = grid_neighbours(g, y, x, key.data(), slot.data());
       const int64_t t = y * g.gw + x;
       const int64_t at = g.prefix * g.N + t * g.slots;
-      bwd_query<S>(a, b, h, g.prefix + t, key.data(), slot.data(), n, p + at, ds + at);
+      bwd_query<S>(a, b, h, g.prefix + t, key.data(), slot.data(), n, p + at, ds + at, w.data(), rows.data());
     }
   }
 }
 
 // Pass 2 for key j: dk_j = sum_i ds_ij q_i and dv_j = sum_i p_ij dO_i over the prefix queries and,
-// for a grid key, the grid queries whose window holds it.
+// for a grid key, the grid queries whose window holds it (in that order). `scratch` holds the weights
+// and rows of up to P + slots queries.
+template <typename T>
+struct KeyScratch {
+  std::vector<T> wp, wds;
+  std::vector<const T*> rdo, rq;
+  explicit KeyScratch(size_t n) : wp(n), wds(n), rdo(n), rq(n) {}
+};
+
 template <class S, typename T>
-SA2VP_ALWAYS_INLINE void bwd_key(const BwdArgs<T>& a, int64_t b, int64_t h, int64_t j) {
+SA2VP_ALWAYS_INLINE void bwd_key(const BwdArgs<T>& a, int64_t b, int64_t h, int64_t j, KeyScratch<T>& sc) {
   const Geometry& g = a.g;
   const int64_t D = g.D, bh = b * g.H + h;
   const T* p = a.p + bh * g.pair_values();
   const T* ds = a.ds + bh * g.pair_values();
   T* dkj = a.dk + (bh * g.N + j) * D;
   T* dvj = a.dv + (bh * g.N + j) * D;
-  std::fill(dkj, dkj + D, T(0));
-  std::fill(dvj, dvj + D, T(0));
-  for (int64_t i = 0; i < g.prefix; ++i) {
-    axpy<S>(dvj, a.dout.row(b, h, i), p[i * g.N + j], D);
-    axpy<S>(dkj, a.q.row(b, h, i), ds[i * g.N + j], D);
-  }
-  if (j < g.prefix) return;
-  const int64_t ky = (j - g.prefix) / g.gw, kx = (j - g.prefix) % g.gw;
-  const int64_t y0 = std::max<int64_t>(0, ky - g.rad), y1 = std::min(g.gh - 1, ky + g.rad);
-  const int64_t x0 = std::max<int64_t>(0, kx - g.rad), x1 = std::min(g.gw - 1, kx + g.rad);
-  for (int64_t qy = y0; qy <= y1; ++qy) {
-    for (int64_t qx = x0; qx <= x1; ++qx) {
-      const int64_t t = qy * g.gw + qx, i = g.prefix + t;
-      // Query (qy, qx) sees this key at offset (ky - qy, kx - qx).
-      const int64_t at = g.prefix * g.N + t * g.slots + (ky - qy + g.ry) * (2 * g.rx + 1) + (kx - qx + g.rx);
-      axpy<S>(dvj, a.dout.row(b, h, i), p[at], D);
-      axpy<S>(dkj, a.q.row(b, h, i), ds[at], D);
+  int64_t n = 0;
+  auto add = [&](int64_t i, int64_t at) {
+    sc.wp[n] = p[at];
+    sc.wds[n] = ds[at];
+    sc.rdo[n] = a.dout.row(b, h, i);
+    sc.rq[n] = a.q.row(b, h, i);
+    ++n;
+  };
+  for (int64_t i = 0; i < g.prefix; ++i) add(i, i * g.N + j);
+  if (j >= g.prefix) {
+    const int64_t ky = (j - g.prefix) / g.gw, kx = (j - g.prefix) % g.gw;
+    const int64_t y0 = std::max<int64_t>(0, ky - g.rad), y1 = std::min(g.gh - 1, ky + g.rad);
+    const int64_t x0 = std::max<int64_t>(0, kx - g.rad), x1 = std::min(g.gw - 1, kx + g.rad);
+    for (int64_t qy = y0; qy <= y1; ++qy) {
+      for (int64_t qx = x0; qx <= x1; ++qx) {
+        // Query (qy, qx) sees this key at offset (ky - qy, kx - qx).
+        const int64_t t = qy * g.gw + qx;
+        add(g.prefix + t, g.prefix * g.N + t * g.slots + (ky - qy + g.ry) * (2 * g.rx + 1) + (kx - qx + g.rx));
+      }
     }
   }
+  weighted_rows<S>(dvj, sc.wp.data(), sc.rdo.data(), n, D, T(1));
+  weighted_rows<S>(dkj, sc.wds.data(), sc.rq.data(), n, D, T(1));
 }
 
 template <class S, typename T>
 SA2VP_ALWAYS_INLINE void bwd_key_tasks(const BwdArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = a.g;
+  KeyScratch<T> sc(static_cast<size_t>(g.prefix + g.slots));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / g.items_per_head(), item = task % g.items_per_head();
     const int64_t b = bh / g.H, h = bh % g.H;
     if (item < g.prefix) {
-      bwd_key<S>(a, b, h, item);
+      bwd_key<S>(a, b, h, item, sc);
       continue;
     }
     const int64_t first = g.prefix + (item - g.prefix) * g.gw;
-    for (int64_t j = first; j < first + g.gw; ++j) bwd_key<S>(a, b, h, j);
+    for (int64_t j = first; j < first + g.gw; ++j) bwd_key<S>(a, b, h, j, sc);
   }
 }
 
