@@ -599,6 +599,19 @@ struct FwdEpilogue {
   }
 };
 
+// A prefetch queue for the rows of the chunk after the one at m0: rows of two inputs to read, then rows
+// of the contiguous (M, C) output to write, spread over about `steps` steps of the products.
+s5::Prefetch next_chunk_queue(int64_t m0, int64_t M, int64_t C, const Rows<float>& in0, const Rows<float>& in1,
+                              const float* out, int64_t steps) {
+  s5::Prefetch pf(C);
+  const int64_t begin = m0 + kRows, end = std::min(m0 + 2 * kRows, M);
+  for (int64_t i = begin; i < end; ++i) pf.add(in0(i));
+  for (int64_t i = begin; i < end; ++i) pf.add(in1(i));
+  for (int64_t i = begin; i < end; ++i) pf.add_write(out + i * C);
+  pf.spread_over(steps);
+  return pf;
+}
+
 void fwd_chunk_512(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* h) {
   const int64_t C = a.C, r = a.r;
   const float* x[kRows];
@@ -613,15 +626,10 @@ void fwd_chunk_512(const FwdArgs<float>& a, int64_t m0, int64_t rows, float* h) 
     a.rstd[m0 + i] = rs[i];
     out_state[i] = hash::row_state(a.drop->key_out, static_cast<uint32_t>(m0 + i));
   }
-  // The rows of the next chunk (message and target to read, out to write) are fetched during this
-  // chunk's products, spread over about the first half of them (rowdot_rows and expand_rows step the
-  // queue rows * r * C / 256 times each).
-  s5::Prefetch pf(C);
-  const int64_t next_end = std::min(m0 + 2 * kRows, a.M);
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.msg(i));
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.tgt(i));
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add_write(a.out + i * C);
-  pf.spread_over(rows * r * C / 256);
+  // The next chunk's message and target (to read) and out rows (to write) are fetched during this
+  // chunk's products, over about the first half of them (rowdot_rows and expand_rows step the queue
+  // rows * r * C / 256 times each).
+  s5::Prefetch pf = next_chunk_queue(m0, a.M, C, a.msg, a.tgt, a.out, rows * r * C / 256);
   float* z = a.z + m0 * r;
   s5::rowdot_rows<true>(x, mu, rows, a.wg, r, C, z, r, &pf);
   for (int64_t i = 0; i < rows; ++i) {
@@ -691,14 +699,9 @@ void bwd_chunk_512(const BwdArgs<float>& a, const GroupAcc<float>& acc, int64_t 
     }
     hidden512(drop, m, a.z + m * r, r, h + i * r, dh + i * r);
   }
-  // The rows of the next chunk (grad_out and message to read, grad_message to write) are fetched
-  // during this chunk's four products, spread over about the first half of them.
-  s5::Prefetch pf(C);
-  const int64_t next_end = std::min(m0 + 2 * kRows, a.M);
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.gout(i));
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add(a.msg(i));
-  for (int64_t i = m0 + kRows; i < next_end; ++i) pf.add_write(a.gmsg + i * C);
-  pf.spread_over(rows * r * C / 128);
+  // The next chunk's grad_out and message (to read) and grad_message rows (to write) are fetched
+  // during this chunk's four products, over about the first half of them.
+  s5::Prefetch pf = next_chunk_queue(m0, a.M, C, a.gout, a.msg, a.gmsg, rows * r * C / 128);
   // grad_up_weight^T += h^T @ gu;  gh = gu @ up_weight.
   s5::outer_rows(h, r, rows, r, acc.up_w_t, C, s5::PlainRows{g, C}, &pf);
   s5::rowdot_rows<false>(gp, nullptr, rows, a.wu_t, r, C, gz, r, &pf);
