@@ -1,0 +1,427 @@
+// A small CUDA execution emulator for the CPU, so that the kernels of csrc/cuda/*.cu can be run and
+// compared with the other backends on a machine without a GPU (tests/test_cuda_emulated.py).
+//
+// tests/cuda_emu/build.py compiles each .cu file as C++ with this header in place of the c10/cuda
+// headers, after rewriting `kernel<<<grid, block, smem, stream>>>(args)` into
+// `::cuda_emu::launch(kernel, grid, block, smem, stream)(args)` and `extern __shared__ T name[];` into a
+// pointer to the block's dynamic shared memory.
+//
+// Execution model. A launch runs its blocks one after the other; the threads of a block are fibers on
+// the calling OS thread. A fiber runs until it reaches a synchronisation point, then the next fiber
+// runs:
+//   * __syncthreads(): waits until every thread of the block that has not exited waits there;
+//   * __syncwarp(mask), __shfl_*_sync(mask, ...): wait until every lane of `mask` waits with the same
+//     mask. A lane of the mask that has exited, a mask naming lanes the block does not have, or a
+//     shuffle reading a lane outside its mask is an error (undefined behaviour on a GPU), as is a
+//     deadlock (threads of a block waiting at different kinds of barrier).
+// Fibers are resumed in thread order, or in reverse order (set_schedule(1)): a kernel whose result
+// depends on the order in which threads run between two barriers has a race. Dynamic shared memory
+// starts filled with 0xff bytes (NaN for floating point), so reading shared memory that no thread
+// wrote shows up in the results.
+#pragma once
+
+#include <math.h>
+#include <setjmp.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- CUDA types and qualifiers ----------------------------------------------------------------------
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = struct CUstream_emu*;
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+namespace cuda_emu {
+
+constexpr int kStackBytes = 256 * 1024;
+constexpr int64_t kMaxDynamicSmem = 227 * 1024;  // an H100's opt-in shared memory per block
+
+enum class Wait { kNone, kBlock, kMask, kDone };
+
+struct Fiber {
+  jmp_buf jb;
+  ucontext_t uc;
+  char* stack = nullptr;
+  dim3 tid;
+  int linear = 0;
+  bool started = false;
+  Wait wait = Wait::kNone;
+  unsigned mask = 0;
+  std::exception_ptr error;
+};
+
+struct Stats {
+  int64_t launches = 0, blocks = 0, threads = 0, block_barriers = 0, warp_syncs = 0;
+};
+
+struct State {
+  // the launch being run
+  dim3 grid, block_dim, block_idx;
+  std::vector<Fiber> fibers;
+  Fiber* cur = nullptr;
+  jmp_buf sched_jb;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  std::vector<unsigned char> smem;
+  std::vector<uint64_t> slots;  // one exchange slot per thread (shuffles)
+  bool running = false;
+  // settings and counters
+  int order = 0;  // 0: thread order, 1: reverse
+  Stats stats;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+[[noreturn]] inline void fail(const std::string& what) {
+  State& s = state();
+  std::ostringstream os;
+  os << "cuda_emu: " << what;
+  if (s.cur != nullptr) {
+    os << " (block " << s.block_idx.x << "," << s.block_idx.y << "," << s.block_idx.z << ", thread "
+       << s.cur->tid.x << "," << s.cur->tid.y << "," << s.cur->tid.z << ")";
+  }
+  throw std::runtime_error(os.str());
+}
+
+inline const dim3& thread_idx() { return state().cur->tid; }
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+inline void yield_to_scheduler() {
+  State& s = state();
+  if (!_setjmp(s.cur->jb)) _longjmp(s.sched_jb, 1);
+}
+
+inline void fiber_entry() {
+  State& s = state();
+  Fiber* f = s.cur;
+  try {
+    s.body(s.body_arg);
+  } catch (...) {
+    f->error = std::current_exception();
+  }
+  f->wait = Wait::kDone;
+  _longjmp(s.sched_jb, 1);
+}
+
+// Runs fiber f until it waits or finishes. Kept out of line with no locals that change after _setjmp.
+__attribute__((noinline)) inline void resume(Fiber* f) {
+  State& s = state();
+  s.cur = f;
+  if (!_setjmp(s.sched_jb)) {
+    if (!f->started) {
+      f->started = true;
+      setcontext(&f->uc);
+    }
+    _longjmp(f->jb, 1);
+  }
+  s.cur = nullptr;
+}
+
+inline int warp_of(int linear) { return linear / 32; }
+
+inline std::string describe_waits(const State& s) {
+  std::ostringstream os;
+  for (const Fiber& f : s.fibers) {
+    if (f.wait == Wait::kBlock) os << " t" << f.linear << ":syncthreads";
+    if (f.wait == Wait::kMask) os << " t" << f.linear << ":warp(0x" << std::hex << f.mask << std::dec << ")";
+  }
+  return os.str();
+}
+
+// Releases the fibers whose barrier is complete; returns whether any was released.
+inline bool release(State& s) {
+  const int n = static_cast<int>(s.fibers.size());
+  bool released = false;
+  for (int t = 0; t < n; ++t) {
+    Fiber& f = s.fibers[t];
+    if (f.wait != Wait::kMask) continue;
+    const int base = warp_of(t) * 32;
+    bool complete = true;
+    for (int l = 0; l < 32; ++l) {
+      if (!(f.mask >> l & 1u)) continue;
+      const int u = base + l;
+      if (u >= n) fail("warp-synchronous call with a mask naming lanes the block does not have");
+      const Fiber& g = s.fibers[u];
+      if (g.wait == Wait::kDone) {
+        std::ostringstream os;
+        os << "thread " << t << " waits in a warp-synchronous call with mask 0x" << std::hex << f.mask << std::dec
+           << " but lane " << l << " of its warp has exited";
+        fail(os.str());
+      }
+      if (g.wait != Wait::kMask || g.mask != f.mask) complete = false;
+    }
+    if (!complete) continue;
+    for (int l = 0; l < 32; ++l) {
+      if (f.mask >> l & 1u) s.fibers[base + l].wait = Wait::kNone;
+    }
+    ++s.stats.warp_syncs;
+    released = true;
+  }
+  if (released) return true;
+  bool any_block = false, all_block = true;
+  for (const Fiber& f : s.fibers) {
+    if (f.wait == Wait::kBlock) any_block = true;
+    if (f.wait != Wait::kBlock && f.wait != Wait::kDone) all_block = false;
+  }
+  if (any_block && all_block) {
+    for (Fiber& f : s.fibers) {
+      if (f.wait == Wait::kBlock) f.wait = Wait::kNone;
+    }
+    ++s.stats.block_barriers;
+    return true;
+  }
+  return false;
+}
+
+struct StackPool {
+  std::vector<char*> stacks;
+  ~StackPool() {
+    for (char* p : stacks) munmap(p, kStackBytes + 4096);
+  }
+  char* get(size_t i) {
+    while (stacks.size() <= i) {
+      void* p = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot allocate a fiber stack");
+      mprotect(p, 4096, PROT_NONE);  // guard page below the stack
+      stacks.push_back(static_cast<char*>(p));
+    }
+    return stacks[i] + 4096;
+  }
+};
+
+inline StackPool& stack_pool() {
+  static StackPool pool;
+  return pool;
+}
+
+// Runs `body(arg)` on every thread of every block of the grid.
+inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* arg) {
+  State& s = state();
+  if (s.running) fail("a kernel launch from inside a kernel");
+  const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
+  if (threads < 1 || threads > 1024) fail("block of " + std::to_string(threads) + " threads (1..1024 allowed)");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535) fail("invalid grid");
+  if (static_cast<int64_t>(smem_bytes) > kMaxDynamicSmem) {
+    fail("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes (at most " +
+         std::to_string(kMaxDynamicSmem) + ")");
+  }
+  s.running = true;
+  s.grid = grid;
+  s.block_dim = block;
+  s.body = body;
+  s.body_arg = arg;
+  ++s.stats.launches;
+  struct Reset {
+    State& s;
+    ~Reset() {
+      s.running = false;
+      s.cur = nullptr;
+      s.fibers.clear();
+    }
+  } reset{s};
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        s.block_idx = dim3(bx, by, bz);
+        s.smem.assign(smem_bytes + 16, 0xff);
+        s.slots.assign(static_cast<size_t>(threads), 0);
+        s.fibers.assign(static_cast<size_t>(threads), Fiber{});
+        for (int64_t t = 0; t < threads; ++t) {
+          Fiber& f = s.fibers[t];
+          f.linear = static_cast<int>(t);
+          f.tid = dim3(static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
+                       static_cast<unsigned>(t / (static_cast<int64_t>(block.x) * block.y)));
+          f.stack = stack_pool().get(static_cast<size_t>(t));
+          getcontext(&f.uc);
+          f.uc.uc_stack.ss_sp = f.stack;
+          f.uc.uc_stack.ss_size = kStackBytes;
+          f.uc.uc_link = nullptr;
+          makecontext(&f.uc, fiber_entry, 0);
+        }
+        ++s.stats.blocks;
+        s.stats.threads += threads;
+        for (;;) {
+          bool all_done = true;
+          for (int64_t k = 0; k < threads; ++k) {
+            Fiber& f = s.fibers[s.order == 1 ? threads - 1 - k : k];
+            if (f.wait == Wait::kNone) {
+              resume(&f);
+              if (f.error) std::rethrow_exception(f.error);
+            }
+            if (f.wait != Wait::kDone) all_done = false;
+          }
+          if (all_done) break;
+          if (!release(s)) fail("deadlock: threads wait at different barriers:" + describe_waits(s));
+        }
+      }
+    }
+  }
+}
+
+inline unsigned char* dynamic_smem() {
+  State& s = state();
+  return s.smem.data();
+}
+
+inline void sync_threads() {
+  State& s = state();
+  s.cur->wait = Wait::kBlock;
+  yield_to_scheduler();
+}
+
+inline void sync_mask(unsigned mask) {
+  State& s = state();
+  const int lane = s.cur->linear % 32;
+  if (!(mask >> lane & 1u)) fail("warp-synchronous call by a lane outside its mask");
+  s.cur->wait = Wait::kMask;
+  s.cur->mask = mask;
+  yield_to_scheduler();
+}
+
+template <typename T>
+T shuffle(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle type");
+  State& s = state();
+  const int me = s.cur->linear, base = me / 32 * 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  s.slots[me] = bits;
+  sync_mask(mask);
+  if (src_lane < 0 || src_lane >= 32 || !(mask >> src_lane & 1u)) {
+    fail("shuffle reads lane " + std::to_string(src_lane) + ", outside its mask");
+  }
+  T out;
+  bits = s.slots[base + src_lane];
+  std::memcpy(&out, &bits, sizeof(T));
+  sync_mask(mask);  // nobody overwrites its slot before every lane has read
+  return out;
+}
+
+// ---- launches ---------------------------------------------------------------------------------------
+
+template <typename... P>
+struct Launcher {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    static_assert(sizeof...(Args) == sizeof...(P), "wrong number of kernel arguments");
+    struct Call {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...> params;
+    } call{kernel, std::tuple<std::decay_t<P>...>(std::forward<Args>(args)...)};
+    run_grid(grid, block, smem, [](void* c) {
+      Call* cl = static_cast<Call*>(c);
+      std::apply(cl->kernel, cl->params);  // every thread gets its own copies of the parameters
+    }, &call);
+  }
+};
+
+template <typename... P>
+Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+  return Launcher<P...>{kernel, grid, block, smem};
+}
+
+}  // namespace cuda_emu
+
+// ---- CUDA built-ins ---------------------------------------------------------------------------------
+
+#define threadIdx (::cuda_emu::thread_idx())
+#define blockIdx (static_cast<const dim3&>(::cuda_emu::state().block_idx))
+#define blockDim (static_cast<const dim3&>(::cuda_emu::state().block_dim))
+#define gridDim (static_cast<const dim3&>(::cuda_emu::state().grid))
+
+inline void __syncthreads() { ::cuda_emu::sync_threads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::sync_mask(mask); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = static_cast<int>(::cuda_emu::state().cur->linear % 32);
+  if (width != 32) ::cuda_emu::fail("shuffle width other than 32 is not emulated");
+  return ::cuda_emu::shuffle(mask, v, lane ^ lane_mask);
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = static_cast<int>(::cuda_emu::state().cur->linear % 32);
+  if (width != 32) ::cuda_emu::fail("shuffle width other than 32 is not emulated");
+  const int src = lane + static_cast<int>(delta);
+  // a source past the warp returns the caller's own value (the caller still takes part)
+  const T got = ::cuda_emu::shuffle(mask, v, src < 32 ? src : lane);
+  return src < 32 ? got : v;
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  if (width != 32) ::cuda_emu::fail("shuffle width other than 32 is not emulated");
+  return ::cuda_emu::shuffle(mask, v, src_lane & 31);
+}
+
+// Device-side min/max of mixed integer types, as CUDA's overloads allow.
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+// ---- the host API the kernels' launch code uses -----------------------------------------------------
+
+template <typename K>
+inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
+  if (bytes > ::cuda_emu::kMaxDynamicSmem) ::cuda_emu::fail("cudaFuncSetAttribute above the device's limit");
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(::cuda_emu::kMaxDynamicSmem) : 0;
+  return cudaSuccess;
+}
+
+#define C10_CUDA_CHECK(expr) ((void)(expr))
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
+inline int current_device() { return 0; }
+struct CUDAGuard {
+  explicit CUDAGuard(const c10::Device&) {}
+};
+}  // namespace cuda
+}  // namespace c10
