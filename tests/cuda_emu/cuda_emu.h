@@ -149,10 +149,15 @@ inline int warp_of(int linear) { return linear / 32; }
 
 inline std::string describe_waits(const State& s) {
   std::ostringstream os;
+  int shown = 0, waiting = 0;
   for (const Fiber& f : s.fibers) {
+    if (f.wait != Wait::kBlock && f.wait != Wait::kMask) continue;
+    if (++waiting > 8 && f.linear % 32 != 0) continue;  // the first 8, then the first lane of each warp
+    ++shown;
     if (f.wait == Wait::kBlock) os << " t" << f.linear << ":syncthreads";
     if (f.wait == Wait::kMask) os << " t" << f.linear << ":warp(0x" << std::hex << f.mask << std::dec << ")";
   }
+  if (shown < waiting) os << " (" << waiting << " threads waiting)";
   return os.str();
 }
 

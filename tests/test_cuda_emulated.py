@@ -1,0 +1,399 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU under the emulator of tests/cuda_emu.
+
+No GPU is needed: tests/cuda_emu/build.py compiles the .cu files as C++ against an emulator that runs
+every thread of a block as a fiber, with real barriers, warp shuffles and shared memory (cuda_emu.h).
+The kernels' indexing, their per-lane and per-warp logic, their synchronisation and their host-side
+launch code are checked here; their speed, their register use and anything the hardware does
+differently from this model (memory ordering inside a barrier interval, for one) need a GPU
+(the `gpu`-marked tests).
+
+* float64 gradcheck of every CUDA backward, through the emulated forward and backward ops;
+* forward and backward against the CPU kernels (themselves gradchecked) in float64 and float32, and in
+  float16 / bfloat16 against float32 on the same rounded inputs;
+* the results do not depend on the order in which the threads run between barriers (races);
+* the emulator's own checks (reductions, a race, a deadlock, a shuffle with exited lanes).
+
+SA2VP_SKIP_CUDA_EMU=1 skips them (for a machine without a C++ compiler).
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("SA2VP_SKIP_CUDA_EMU") == "1", reason="SA2VP_SKIP_CUDA_EMU=1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+
+import sa2vp_kernels  # noqa: E402,F401  (registers torch.ops.sa2vp_kernels)
+
+CPU_OPS = torch.ops.sa2vp_kernels
+LOW = (torch.float16, torch.bfloat16)
+# ||emulated - cpu|| / ||cpu||: float64 and float32 from the kernels' different summation orders,
+# float16 / bfloat16 from the rounding of their outputs (the CPU op runs in float32)
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import build
+
+    ops = build.load()
+    ops.set_schedule(0)
+    yield ops
+    ops.set_schedule(0)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check(got, want, dtype, what):
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{what}[{i}]: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        assert torch.isfinite(g).all(), f"{what}[{i}]: not finite"
+        err = _rel(g, w)
+        assert err <= TOL[dtype], f"{what}[{i}]: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def _as(dtype, *ts):
+    """The tensors rounded to `dtype`, and (for the CPU ops, which have no float16/bfloat16) the same
+    rounded values in float32."""
+    low = tuple(t.to(dtype) if t is not None else None for t in ts)
+    cpu_dtype = torch.float32 if dtype in LOW else dtype
+    return low, tuple(t.to(cpu_dtype) if t is not None else None for t in low)
+
+
+def test_emulator_runs_the_kernels(emu):
+    before = emu.stats().tolist()
+    q = torch.randn(1, 2, 1 + 3 * 4, 8)
+    emu.local_attn_fwd(q, q, q, 3, 4, 3, 1, False, 0.5)
+    after = emu.stats().tolist()
+    launches, blocks, threads, barriers, warp_syncs = (a - b for a, b in zip(after, before))
+    assert launches == 1 and blocks >= 1 and threads == blocks * 256
+    assert warp_syncs > 0
+
+
+# ---- the emulator's own checks ------------------------------------------------------------------------
+
+
+def test_selftest_reductions(emu):
+    threads = 96
+    x = torch.randn(3 * threads)
+    got = emu.selftest_sums(x, threads)
+    xb = x.double().view(3, threads // 32, 32)
+    want = xb.sum(-1, keepdim=True).expand(-1, -1, 32).clone()
+    want[:, :, 0] += 1000.0 * xb.sum(-1)  # lane 0 holds the __shfl_down_sync total
+    want += 1e6 * xb.sum((1, 2)).view(3, 1, 1)
+    torch.testing.assert_close(got.double(), want.reshape(-1), rtol=1e-6, atol=0.5)
+
+
+def test_selftest_race_shows_up_in_one_schedule(emu):
+    x = torch.arange(40.0)
+    emu.set_schedule(0)
+    forward = emu.selftest_racy(x)
+    emu.set_schedule(1)
+    reverse = emu.selftest_racy(x)
+    emu.set_schedule(0)
+    # thread t reads t + 1's value: not yet written when the threads run in order (0xff bytes: NaN)
+    assert torch.isnan(forward[:-1]).all()
+    assert torch.equal(reverse[:-1], x[1:])
+
+
+def test_selftest_deadlock_is_an_error(emu):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.selftest_divergent_barrier()
+
+
+def test_selftest_shuffle_with_exited_lanes_is_an_error(emu):
+    with pytest.raises(RuntimeError, match="has exited"):
+        emu.selftest_shuffle_after_exit()
+
+
+# ---- local cross attention --------------------------------------------------------------------------
+
+# (B, heads, grid, num_prefix, head_dim, window, zero_border)
+ATTN = [
+    (2, 3, (5, 4), 1, 24, 3, False),
+    (1, 1, (7, 7), 3, 40, 5, True),
+    (2, 2, (2, 3), 0, 8, 1, False),
+    (1, 1, (4, 5), 1, 768, 3, False),   # 1 x 768: several vectors per lane
+    (1, 2, (6, 5), 2, 17, 7, True),     # head dim not a multiple of the vector width
+    (1, 1, (1, 1), 1, 16, 3, False),    # the window is larger than the grid
+    (1, 1, (17, 16), 2, 8, 3, False),   # N > 256: more keys than the groups of a prefix block
+    (1, 1, (3, 5), 1, 2048, 3, True),   # the slab path (rows longer than the registers hold)
+]
+
+
+def _attn_id(c):
+    B, H, (gh, gw), P, D, w, zb = c
+    return f"B{B}h{H}_{gh}x{gw}p{P}d{D}w{w}{'zero' if zb else 'clip'}"
+
+
+def _attn_inputs(case, dtype, seed=0):
+    B, H, (gh, gw), P, D, w, zb = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, go = (torch.randn(B, H, P + gh * gw, D, generator=g, dtype=torch.float64) for _ in range(4))
+    return q, k, v, go
+
+
+def _attn_both(ops, case, q, k, v, go):
+    B, H, (gh, gw), P, D, w, zb = case
+    scale = D ** -0.5
+    out, lse = ops.local_attn_fwd(q, k, v, gh, gw, w, P, zb, scale)
+    grads = ops.local_attn_bwd(go, q, k, v, out, lse, gh, gw, w, P, zb, scale)
+    return (out, lse) + tuple(grads)
+
+
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", ATTN, ids=_attn_id)
+def test_local_attention_matches_cpu(emu, monkeypatch, case, dtype, prefetch):
+    if prefetch == "1" and dtype in LOW and case[4] > 64:
+        pytest.skip("covered by the float32/float64 runs")
+    monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", prefetch)
+    (q, k, v, go), (qc, kc, vc, goc) = _as(dtype, *_attn_inputs(case, dtype))
+    got = _attn_both(emu, case, q, k, v, go)
+    want = _attn_both(CPU_OPS, case, qc, kc, vc, goc)
+    _check(got, want, dtype, f"local_attn {_attn_id(case)}")
+
+
+def test_local_attention_strided_inputs(emu):
+    # q, k, v as views of one fused (B, N, 3, heads, D) projection, transposed to (B, heads, N, D)
+    B, H, gh, gw, P, D = 2, 3, 4, 5, 1, 16
+    qkv = torch.randn(B, P + gh * gw, 3, H, D, dtype=torch.float64)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    case = (B, H, (gh, gw), P, D, 3, False)
+    go = torch.randn(B, H, P + gh * gw, D, dtype=torch.float64)
+    _check(_attn_both(emu, case, q, k, v, go), _attn_both(CPU_OPS, case, q, k, v, go), torch.float64,
+           "local_attn strided")
+
+
+class _EmuAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, q, k, v, grid, window, num_prefix, zero_border):
+        scale = q.shape[-1] ** -0.5
+        out, lse = ops.local_attn_fwd(q, k, v, grid[0], grid[1], window, num_prefix, zero_border, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (ops, grid, window, num_prefix, zero_border, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, out, lse = ctx.saved_tensors
+        ops, grid, window, num_prefix, zero_border, scale = ctx.args
+        dq, dk, dv = ops.local_attn_bwd(go.contiguous(), q, k, v, out, lse, grid[0], grid[1], window, num_prefix,
+                                        zero_border, scale)
+        return None, dq, dk, dv, None, None, None, None
+
+
+@pytest.mark.parametrize("zero_border", [False, True])
+@pytest.mark.parametrize("grid,window,num_prefix,heads,dim", [
+    ((2, 3), 3, 1, 2, 8),
+    ((3, 2), 5, 0, 1, 5),
+    ((1, 1), 1, 3, 1, 4),
+])
+def test_local_attention_gradcheck(emu, grid, window, num_prefix, heads, dim, zero_border):
+    N = num_prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(1, heads, N, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _EmuAttention.apply(emu, q, k, v, grid, window, num_prefix, zero_border), (q, k, v))
+
+
+def test_local_attention_bad_arguments_raise(emu):
+    # the argument checks run on the host before any launch (a wrong N must not reach a kernel)
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(RuntimeError, match="N"):
+        emu.local_attn_fwd(q, q, q, 2, 3, 3, 1, False, 0.5)
+    with pytest.raises(RuntimeError, match="window"):
+        emu.local_attn_fwd(q, q, q, 2, 2, 2, 1, False, 0.5)
+    out, lse = emu.local_attn_fwd(q, q, q, 2, 2, 3, 1, False, 0.5)
+    with pytest.raises(RuntimeError, match="lse must have dtype"):
+        emu.local_attn_bwd(out, q, q, q, out, lse.double(), 2, 2, 3, 1, False, 0.5)
+
+
+# ---- prompt_add -------------------------------------------------------------------------------------
+
+# (B, N, C, r, dropout_p, deep, layout)
+PROMPT_ADD = [
+    (2, 7, 40, 3, 0.0, False, "contiguous"),
+    (1, 13, 64, 8, 0.3, True, "contiguous"),
+    (2, 9, 24, 17, 0.0, True, "contiguous"),   # r > 16: 32 ranks per pass of the columns kernel
+    (3, 50, 33, 16, 0.1, False, "contiguous"),  # odd C (no vector loads), several token splits
+    (2, 11, 48, 5, 0.2, True, "strided"),      # rows of a wider tensor, misaligned (no vector loads)
+    (2, 6, 96, 8, 0.0, False, "padded"),       # rows of a wider tensor, aligned (vector loads)
+    (1, 197, 768, 16, 0.1, True, "contiguous"),  # ViT-B sizes
+]
+
+
+def _pa_id(c):
+    B, N, C, r, p, deep, layout = c
+    return f"B{B}N{N}C{C}r{r}p{p}{'deep' if deep else ''}_{layout}"
+
+
+def _rows(x, layout):
+    """x (B, N, C) laid out as rows of a wider tensor when `layout` asks for it."""
+    if layout == "contiguous":
+        return x
+    B, N, C = x.shape
+    wide = torch.zeros(B, N, C + 8, dtype=x.dtype)
+    start = 1 if layout == "strided" else 8
+    wide[..., start:start + C] = x
+    return wide[..., start:start + C]
+
+
+def _pa_inputs(case, seed=0):
+    B, N, C, r, p, deep, layout = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s, scale=1.0):
+        return torch.randn(*s, generator=g, dtype=torch.float64) * scale
+
+    t = (rn(B, N, C), rn(B, N, C), 1 + rn(C, scale=0.1), rn(C, scale=0.1), rn(r, C, scale=C ** -0.5),
+         rn(r, scale=0.1), rn(C, r, scale=r ** -0.5), rn(C, scale=0.1),
+         rn(1, N, C) if deep else None, rn(C) if deep else None, rn(B, N, C))
+    return t
+
+
+def _pa_both(ops, case, t, layout, seed=7):
+    B, N, C, r, p, deep, _ = case
+    target, message = _rows(t[0], layout), _rows(t[1], layout)
+    out, mean, rstd, z = ops.prompt_add_fwd(target, message, *t[2:10], 0.7, p, 1e-6, seed)
+    grads = ops.prompt_add_bwd(_rows(t[10], layout), message, mean, rstd, z, t[2], t[3], t[4], t[6], 0.7, p, seed)
+    return (out, mean, rstd, z) + tuple(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", PROMPT_ADD, ids=_pa_id)
+def test_prompt_add_matches_cpu(emu, case, dtype):
+    low, cpu = _as(dtype, *_pa_inputs(case))
+    layout = case[6]
+    got = _pa_both(emu, case, low, layout)
+    want = _pa_both(CPU_OPS, case, cpu, layout)
+    # mean, rstd and z are float32 statistics on both sides for float16 / bfloat16 inputs
+    _check(got, want, dtype, f"prompt_add {_pa_id(case)}")
+
+
+class _EmuPromptAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, p, target, message, nw, nb, dw, db, uw, ub, deep, ds):
+        out, mean, rstd, z = ops.prompt_add_fwd(target, message, nw, nb, dw, db, uw, ub, deep, ds, 0.7, p, 1e-6, 3)
+        ctx.save_for_backward(message, mean, rstd, z, nw, nb, dw, uw, deep, ds)
+        ctx.ops, ctx.p = ops, p
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        message, mean, rstd, z, nw, nb, dw, uw, deep, ds = ctx.saved_tensors
+        gm, gnw, gnb, gdw, gdb, guw, gub = ctx.ops.prompt_add_bwd(go.contiguous(), message, mean, rstd, z, nw, nb,
+                                                                  dw, uw, 0.7, ctx.p, 3)
+        gdeep = (go.sum(0, keepdim=True) * ds) if deep is not None else None
+        gds = (go * deep).sum((0, 1)) if deep is not None else None
+        return None, None, go, gm, gnw, gnb, gdw, gdb, guw, gub, gdeep, gds
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("B,N,C,r,deep", [(1, 7, 24, 3, True), (2, 3, 5, 2, False)])
+def test_prompt_add_gradcheck(emu, B, N, C, r, deep, p):
+    t = _pa_inputs((B, N, C, r, p, deep, "contiguous"), seed=1)[:10]
+    t = tuple(x.requires_grad_() if x is not None else None for x in t)
+    assert torch.autograd.gradcheck(lambda *a: _EmuPromptAdd.apply(emu, p, *a), t)
+
+
+# ---- prompt_map -------------------------------------------------------------------------------------
+
+# (grid, prompt grid, num_prefix, C, r)
+PROMPT_MAP = [
+    ((14, 14), (14, 14), 1, 40, 8),
+    ((7, 9), (4, 5), 1, 33, 3),
+    ((5, 3), (10, 7), 0, 24, 5),
+    ((6, 6), (3, 3), 2, 300, 11),  # several column blocks and rank slices of the weight kernel
+]
+
+
+def _pm_id(c):
+    (gh, gw), (eh, ew), P, C, r = c
+    return f"{gh}x{gw}from{eh}x{ew}p{P}C{C}r{r}"
+
+
+def _pm_both(ops, case, e, w, b, pos, go):
+    (gh, gw), (eh, ew), P, C, r = case
+    out = ops.prompt_map_fwd(e, w, b, pos, gh, gw, eh, ew, P)
+    return (out,) + tuple(ops.prompt_map_bwd(go, e, w, gh, gw, eh, ew, P))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", PROMPT_MAP, ids=_pm_id)
+def test_prompt_map_matches_cpu(emu, case, dtype):
+    (gh, gw), (eh, ew), P, C, r = case
+    g = torch.Generator().manual_seed(0)
+    ts = (torch.randn(P + eh * ew, r, generator=g, dtype=torch.float64), torch.randn(C, r, generator=g, dtype=torch.float64),
+          torch.randn(C, generator=g, dtype=torch.float64), torch.randn(1, P + gh * gw, C, generator=g, dtype=torch.float64),
+          torch.randn(1, P + gh * gw, C, generator=g, dtype=torch.float64))
+    low, cpu = _as(dtype, *ts)
+    _check(_pm_both(emu, case, *low), _pm_both(CPU_OPS, case, *cpu), dtype, f"prompt_map {_pm_id(case)}")
+
+
+class _EmuPromptMap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, shape, e, w, b):
+        (gh, gw), (eh, ew), P = shape
+        ctx.save_for_backward(e, w)
+        ctx.ops, ctx.shape = ops, shape
+        return ops.prompt_map_fwd(e, w, b, None, gh, gw, eh, ew, P)
+
+    @staticmethod
+    def backward(ctx, go):
+        e, w = ctx.saved_tensors
+        (gh, gw), (eh, ew), P = ctx.shape
+        ge, gw_, gb = ctx.ops.prompt_map_bwd(go.contiguous(), e, w, gh, gw, eh, ew, P)
+        return None, None, ge, gw_, gb
+
+
+@pytest.mark.parametrize("grid,embed_grid,num_prefix", [((3, 4), (2, 3), 1), ((2, 2), (4, 3), 0)])
+def test_prompt_map_gradcheck(emu, grid, embed_grid, num_prefix):
+    C, r = 5, 3
+    e = torch.randn(num_prefix + embed_grid[0] * embed_grid[1], r, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, r, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, w, b: _EmuPromptMap.apply(emu, (grid, embed_grid, num_prefix), e, w, b),
+                                    (e, w, b))
+
+
+# ---- thread order -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["local_attn", "local_attn_prefetch", "prompt_add", "prompt_map"])
+def test_results_do_not_depend_on_thread_order(emu, monkeypatch, op):
+    """Threads resumed in reverse order between barriers give the same bits: no kernel reads what
+    another thread writes without a barrier in between (in the emulator's model)."""
+    monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", "1" if op == "local_attn_prefetch" else "0")
+
+    def run():
+        if op.startswith("local_attn"):
+            case = ATTN[1]
+            return _attn_both(emu, case, *_attn_inputs(case, torch.float32))
+        if op == "prompt_add":
+            case = PROMPT_ADD[3]
+            return _pa_both(emu, case, _pa_inputs(case), case[6])
+        case = PROMPT_MAP[3]
+        (gh, gw), (eh, ew), P, C, r = case
+        g = torch.Generator().manual_seed(0)
+        return _pm_both(emu, case, torch.randn(P + eh * ew, r, generator=g), torch.randn(C, r, generator=g),
+                        torch.randn(C, generator=g), None, torch.randn(1, P + gh * gw, C, generator=g))
+
+    try:
+        emu.set_schedule(0)
+        forward = run()
+        emu.set_schedule(1)
+        reverse = run()
+    finally:
+        emu.set_schedule(0)
+    for a, b in zip(forward, reverse):
+        assert torch.equal(a, b)
