@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sa2vp-installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: install test demo demo-kernels bench gpu-check clean
+.PHONY: install test test-cuda-asan demo demo-kernels bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-cuda-asan
+
+# The CUDA kernels under the CPU emulator again, built with AddressSanitizer: any read or write outside
+# a tensor's memory stops the run with a report (-s: pytest would swallow it). Needs gcc's libasan.
+ASAN_LIBS = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
+test-cuda-asan: install
+	SA2VP_CUDA_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(ASAN_LIBS)" \
+	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck"
 
 demo: install
 	$(PY) -m sa2vp train

@@ -93,18 +93,29 @@ def sources(build_dir: Path) -> list:
 
 
 def load(verbose: bool = False):
-    """Builds (or reuses) the emulated kernels and returns ``torch.ops.sa2vp_cuda_emu``."""
+    """Builds (or reuses) the emulated kernels and returns ``torch.ops.sa2vp_cuda_emu``.
+
+    With SA2VP_CUDA_EMU_ASAN=1 the kernels are built with AddressSanitizer, which then reports any
+    access outside the tensors' memory; the process must preload the runtime:
+    ``SA2VP_CUDA_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+    python -m pytest tests/test_cuda_emulated.py``.
+    """
     import torch
     from torch.utils import cpp_extension
 
-    build_dir = ROOT / "build" / "cuda_emu"
+    asan = os.environ.get("SA2VP_CUDA_EMU_ASAN") == "1"
+    build_dir = ROOT / "build" / ("cuda_emu_asan" if asan else "cuda_emu")
     srcs = sources(build_dir / "src")
     os.environ.setdefault("MAX_JOBS", "2")
+    flags = ["-O1", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
+    if asan:
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     cpp_extension.load(
         name=NAME,
         sources=srcs,
         extra_include_paths=[str(HERE), str(CSRC)],
-        extra_cflags=["-O1", "-Wno-unknown-pragmas", "-fno-strict-aliasing"],
+        extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if asan else None,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,

@@ -37,6 +37,11 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define CUDA_EMU_ASAN 1
+#endif
+
 // ---- CUDA types and qualifiers ----------------------------------------------------------------------
 
 struct dim3 {
@@ -73,6 +78,7 @@ struct Fiber {
   Wait wait = Wait::kNone;
   unsigned mask = 0;
   std::exception_ptr error;
+  void* asan_fake = nullptr;  // AddressSanitizer's fake stack of the fiber while it is switched out
 };
 
 struct Stats {
@@ -89,6 +95,9 @@ struct State {
   void* body_arg = nullptr;
   std::vector<unsigned char> smem;
   std::vector<uint64_t> slots;  // one exchange slot per thread (shuffles)
+  const void* sched_stack = nullptr;  // the scheduler's stack (for AddressSanitizer's fiber switches)
+  size_t sched_stack_size = 0;
+  void* sched_fake = nullptr;
   bool running = false;
   // settings and counters
   int order = 0;  // 0: thread order, 1: reverse
@@ -113,21 +122,44 @@ inline State& state() {
 
 inline const dim3& thread_idx() { return state().cur->tid; }
 
+// Stack switches, announced to AddressSanitizer when it is on (a no-op otherwise).
+inline void asan_leave(void** fake, const void* to, size_t size) {
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(fake, to, size);
+#else
+  (void)fake, (void)to, (void)size;
+#endif
+}
+inline void asan_arrive(void* fake, const void** from = nullptr, size_t* size = nullptr) {
+#ifdef CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, from, size);
+#else
+  (void)fake, (void)from, (void)size;
+#endif
+}
+
 // Back to the scheduler; returns when the scheduler resumes this fiber.
 inline void yield_to_scheduler() {
   State& s = state();
-  if (!_setjmp(s.cur->jb)) _longjmp(s.sched_jb, 1);
+  Fiber* f = s.cur;
+  if (!_setjmp(f->jb)) {
+    asan_leave(&f->asan_fake, s.sched_stack, s.sched_stack_size);
+    _longjmp(s.sched_jb, 1);
+  }
+  asan_arrive(f->asan_fake);
 }
 
 inline void fiber_entry() {
   State& s = state();
   Fiber* f = s.cur;
+  asan_arrive(nullptr, &s.sched_stack, &s.sched_stack_size);
   try {
     s.body(s.body_arg);
   } catch (...) {
     f->error = std::current_exception();
   }
   f->wait = Wait::kDone;
+  asan_leave(nullptr, s.sched_stack, s.sched_stack_size);  // (null: this fiber's stack is done with)
   _longjmp(s.sched_jb, 1);
 }
 
@@ -136,12 +168,14 @@ __attribute__((noinline)) inline void resume(Fiber* f) {
   State& s = state();
   s.cur = f;
   if (!_setjmp(s.sched_jb)) {
+    asan_leave(&s.sched_fake, f->stack, kStackBytes);
     if (!f->started) {
       f->started = true;
       setcontext(&f->uc);
     }
     _longjmp(f->jb, 1);
   }
+  asan_arrive(s.sched_fake);
   s.cur = nullptr;
 }
 
