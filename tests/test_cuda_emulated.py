@@ -162,6 +162,19 @@ def test_local_attention_matches_cpu(emu, monkeypatch, case, dtype, prefetch):
     _check(got, want, dtype, f"local_attn {_attn_id(case)}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [ATTN[0], ATTN[1], ATTN[3], ATTN[6]], ids=_attn_id)
+def test_local_attention_prefetching_kernels_are_bitwise_the_default(emu, monkeypatch, case, dtype):
+    # the same sums in the same order, with the next key's (query's) rows loaded one step ahead
+    q, k, v, go = (t.to(dtype) for t in _attn_inputs(case, dtype))
+    results = []
+    for prefetch in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", prefetch)
+        results.append(_attn_both(emu, case, q, k, v, go))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_local_attention_strided_inputs(emu):
     # q, k, v as views of one fused (B, N, 3, heads, D) projection, transposed to (B, heads, N, D)
     B, H, gh, gw, P, D = 2, 3, 4, 5, 1, 16
