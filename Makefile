@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sa2vp-installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-cuda-asan demo demo-kernels bench gpu-check clean
+.PHONY: install test test-cuda-sanitizers demo demo-kernels bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,18 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
-	$(MAKE) --no-print-directory test-cuda-asan
+	$(MAKE) --no-print-directory test-cuda-sanitizers
 
-# The CUDA kernels under the CPU emulator again, built with AddressSanitizer: any read or write outside
-# a tensor's memory stops the run with a report (-s: pytest would swallow it). Needs gcc's libasan.
-ASAN_LIBS = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
-test-cuda-asan: install
-	SA2VP_CUDA_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(ASAN_LIBS)" \
+# The CUDA kernels under the CPU emulator again, built with AddressSanitizer (any access outside a
+# tensor's memory stops the run) and with ThreadSanitizer (threads of a block that touch the same memory,
+# one writing, with no barrier between; one OpenMP thread: libgomp is not instrumented). -s: pytest would
+# swallow the reports. Needs gcc's libasan and libtsan.
+SAN_LIB = $(shell gcc -print-file-name=lib$(1).so) $(shell gcc -print-file-name=libstdc++.so)
+test-cuda-sanitizers: install
+	SA2VP_CUDA_EMU_SANITIZER=address ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(call SAN_LIB,asan)" \
 	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck"
+	SA2VP_CUDA_EMU_SANITIZER=thread TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" OMP_NUM_THREADS=1 LD_PRELOAD="$(call SAN_LIB,tsan)" \
+	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck and not selftest_race"
 
 demo: install
 	$(PY) -m sa2vp train

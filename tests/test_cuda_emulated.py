@@ -13,7 +13,9 @@ differently from this model (memory ordering inside a barrier interval, for one)
 * the results do not depend on the order in which the threads run between barriers (races);
 * the emulator's own checks (reductions, a race, a deadlock, a shuffle with exited lanes).
 
-SA2VP_SKIP_CUDA_EMU=1 skips them (for a machine without a C++ compiler).
+`make test-cuda-sanitizers` (part of `make test`) runs them again with the kernels built with
+AddressSanitizer (accesses outside a tensor) and ThreadSanitizer (threads touching the same memory with
+no barrier between). SA2VP_SKIP_CUDA_EMU=1 skips them (for a machine without a C++ compiler).
 """
 import os
 import sys

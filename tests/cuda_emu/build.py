@@ -95,27 +95,31 @@ def sources(build_dir: Path) -> list:
 def load(verbose: bool = False):
     """Builds (or reuses) the emulated kernels and returns ``torch.ops.sa2vp_cuda_emu``.
 
-    With SA2VP_CUDA_EMU_ASAN=1 the kernels are built with AddressSanitizer, which then reports any
-    access outside the tensors' memory; the process must preload the runtime:
-    ``SA2VP_CUDA_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so)
-    python -m pytest tests/test_cuda_emulated.py``.
+    SA2VP_CUDA_EMU_SANITIZER=address builds them with AddressSanitizer (any access outside a tensor's
+    memory is reported), =thread with ThreadSanitizer (two threads of a block touching the same memory,
+    one writing, without a barrier between, are reported; see cuda_emu.h). The process must preload the
+    sanitizer's runtime, e.g. ``SA2VP_CUDA_EMU_SANITIZER=address ASAN_OPTIONS=detect_leaks=0
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" python -m
+    pytest -s tests/test_cuda_emulated.py`` (``make test-cuda-sanitizers`` runs both).
     """
     import torch
     from torch.utils import cpp_extension
 
-    asan = os.environ.get("SA2VP_CUDA_EMU_ASAN") == "1"
-    build_dir = ROOT / "build" / ("cuda_emu_asan" if asan else "cuda_emu")
+    sanitizer = os.environ.get("SA2VP_CUDA_EMU_SANITIZER", "")
+    if sanitizer not in ("", "address", "thread"):
+        raise ValueError(f"SA2VP_CUDA_EMU_SANITIZER must be 'address', 'thread' or empty, got {sanitizer!r}")
+    build_dir = ROOT / "build" / ("cuda_emu" + (f"_{sanitizer}" if sanitizer else ""))
     srcs = sources(build_dir / "src")
     os.environ.setdefault("MAX_JOBS", "2")
     flags = ["-O1", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
-    if asan:
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    if sanitizer:
+        flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"]
     cpp_extension.load(
         name=NAME,
         sources=srcs,
         extra_include_paths=[str(HERE), str(CSRC)],
         extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if asan else None,
+        extra_ldflags=[f"-fsanitize={sanitizer}"] if sanitizer else None,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,

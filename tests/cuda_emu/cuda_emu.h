@@ -42,6 +42,20 @@
 #define CUDA_EMU_ASAN 1
 #endif
 
+// With ThreadSanitizer every thread of a block is a TSan fiber and the emulator tells TSan which
+// events order memory: __syncthreads and __syncwarp order the accesses of the threads taking part
+// (warp shuffles do not: they exchange registers), consecutive blocks and launches are ordered (they
+// run one after the other here). TSan then reports two threads of a block that access the same shared
+// or global memory, one of them writing, with no barrier between: a race on a GPU, whatever order the
+// emulator happens to run them in. The emulator's own code is not instrumented (CUDA_EMU_RT).
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define CUDA_EMU_TSAN 1
+#define CUDA_EMU_RT inline __attribute__((noinline, no_sanitize("thread")))
+#else
+#define CUDA_EMU_RT inline
+#endif
+
 // ---- CUDA types and qualifiers ----------------------------------------------------------------------
 
 struct dim3 {
@@ -79,6 +93,10 @@ struct Fiber {
   unsigned mask = 0;
   std::exception_ptr error;
   void* asan_fake = nullptr;  // AddressSanitizer's fake stack of the fiber while it is switched out
+  void* tsan = nullptr;       // ThreadSanitizer's fiber
+  int barriers = 0;           // __syncthreads passed (ThreadSanitizer's sync object: its parity)
+  unsigned sync_masks[8] = {};  // __syncwarp masks used and how often (no STL: fibers call this)
+  int sync_counts[8] = {};
 };
 
 struct Stats {
@@ -98,6 +116,12 @@ struct State {
   const void* sched_stack = nullptr;  // the scheduler's stack (for AddressSanitizer's fiber switches)
   size_t sched_stack_size = 0;
   void* sched_fake = nullptr;
+  // ThreadSanitizer: the scheduler's fiber, one fiber per thread index (reused by every block), and the
+  // sync objects (their addresses) of block starts and ends, barriers and warp syncs
+  void* sched_tsan = nullptr;
+  std::vector<void*> tsan_fibers;
+  char block_start = 0, block_end = 0, barrier[2] = {0, 0};
+  char warp_sync[32][32][33][2] = {};  // [warp][first lane of the mask][lanes in the mask][parity]
   bool running = false;
   // settings and counters
   int order = 0;  // 0: thread order, 1: reverse
@@ -120,7 +144,11 @@ inline State& state() {
   throw std::runtime_error(os.str());
 }
 
-inline const dim3& thread_idx() { return state().cur->tid; }
+CUDA_EMU_RT dim3 thread_idx() { return state().cur->tid; }
+CUDA_EMU_RT int lane_id() { return state().cur->linear % 32; }
+CUDA_EMU_RT dim3 block_idx() { return state().block_idx; }
+CUDA_EMU_RT dim3 block_dim() { return state().block_dim; }
+CUDA_EMU_RT dim3 grid_dim() { return state().grid; }
 
 // Stack switches, announced to AddressSanitizer when it is on (a no-op otherwise).
 inline void asan_leave(void** fake, const void* to, size_t size) {
@@ -138,37 +166,65 @@ inline void asan_arrive(void* fake, const void** from = nullptr, size_t* size = 
 #endif
 }
 
+// ThreadSanitizer's happens-before edges and fiber switches (no-ops without it).
+CUDA_EMU_RT void tsan_release(void* sync) {
+#ifdef CUDA_EMU_TSAN
+  __tsan_release(sync);
+#else
+  (void)sync;
+#endif
+}
+CUDA_EMU_RT void tsan_acquire(void* sync) {
+#ifdef CUDA_EMU_TSAN
+  __tsan_acquire(sync);
+#else
+  (void)sync;
+#endif
+}
+CUDA_EMU_RT void tsan_switch(void* fiber) {
+#ifdef CUDA_EMU_TSAN
+  __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync);
+#else
+  (void)fiber;
+#endif
+}
+
 // Back to the scheduler; returns when the scheduler resumes this fiber.
-inline void yield_to_scheduler() {
+CUDA_EMU_RT void yield_to_scheduler() {
   State& s = state();
   Fiber* f = s.cur;
   if (!_setjmp(f->jb)) {
     asan_leave(&f->asan_fake, s.sched_stack, s.sched_stack_size);
+    tsan_switch(s.sched_tsan);
     _longjmp(s.sched_jb, 1);
   }
   asan_arrive(f->asan_fake);
 }
 
-inline void fiber_entry() {
+CUDA_EMU_RT void fiber_entry() {
   State& s = state();
   Fiber* f = s.cur;
   asan_arrive(nullptr, &s.sched_stack, &s.sched_stack_size);
+  tsan_acquire(&s.block_start);  // the launch's set-up comes before its threads
   try {
     s.body(s.body_arg);
   } catch (...) {
     f->error = std::current_exception();
   }
   f->wait = Wait::kDone;
+  tsan_release(&s.block_end);  // and every thread of a block before the next block
   asan_leave(nullptr, s.sched_stack, s.sched_stack_size);  // (null: this fiber's stack is done with)
+  tsan_switch(s.sched_tsan);
   _longjmp(s.sched_jb, 1);
 }
 
 // Runs fiber f until it waits or finishes. Kept out of line with no locals that change after _setjmp.
-__attribute__((noinline)) inline void resume(Fiber* f) {
+CUDA_EMU_RT void resume(Fiber* f) {
   State& s = state();
   s.cur = f;
   if (!_setjmp(s.sched_jb)) {
     asan_leave(&s.sched_fake, f->stack, kStackBytes);
+    tsan_switch(f->tsan);
     if (!f->started) {
       f->started = true;
       setcontext(&f->uc);
@@ -196,7 +252,7 @@ inline std::string describe_waits(const State& s) {
 }
 
 // Releases the fibers whose barrier is complete; returns whether any was released.
-inline bool release(State& s) {
+CUDA_EMU_RT bool release(State& s) {
   const int n = static_cast<int>(s.fibers.size());
   bool released = false;
   for (int t = 0; t < n; ++t) {
@@ -262,7 +318,7 @@ inline StackPool& stack_pool() {
 }
 
 // Runs `body(arg)` on every thread of every block of the grid.
-inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* arg) {
+CUDA_EMU_RT void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* arg) {
   State& s = state();
   if (s.running) fail("a kernel launch from inside a kernel");
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -272,6 +328,10 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void
     fail("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes (at most " +
          std::to_string(kMaxDynamicSmem) + ")");
   }
+#ifdef CUDA_EMU_TSAN
+  s.sched_tsan = __tsan_get_current_fiber();
+  while (static_cast<int64_t>(s.tsan_fibers.size()) < threads) s.tsan_fibers.push_back(__tsan_create_fiber(0));
+#endif
   s.running = true;
   s.grid = grid;
   s.block_dim = block;
@@ -281,6 +341,17 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void
   struct Reset {
     State& s;
     ~Reset() {
+#ifdef CUDA_EMU_TSAN
+      // A launch stopped by an error leaves threads that never finished: their accesses come before
+      // whatever the host does next, as with a finished block.
+      for (Fiber& f : s.fibers) {
+        if (f.tsan == nullptr || f.wait == Wait::kDone) continue;
+        tsan_switch(f.tsan);
+        tsan_release(&s.block_end);
+        tsan_switch(s.sched_tsan);
+      }
+      tsan_acquire(&s.block_end);
+#endif
       s.running = false;
       s.cur = nullptr;
       s.fibers.clear();
@@ -299,6 +370,9 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void
           f.tid = dim3(static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
                        static_cast<unsigned>(t / (static_cast<int64_t>(block.x) * block.y)));
           f.stack = stack_pool().get(static_cast<size_t>(t));
+#ifdef CUDA_EMU_TSAN
+          f.tsan = s.tsan_fibers[static_cast<size_t>(t)];
+#endif
           getcontext(&f.uc);
           f.uc.uc_stack.ss_sp = f.stack;
           f.uc.uc_stack.ss_size = kStackBytes;
@@ -307,6 +381,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void
         }
         ++s.stats.blocks;
         s.stats.threads += threads;
+        tsan_release(&s.block_start);
         for (;;) {
           bool all_done = true;
           for (int64_t k = 0; k < threads; ++k) {
@@ -320,47 +395,66 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void
           if (all_done) break;
           if (!release(s)) fail("deadlock: threads wait at different barriers:" + describe_waits(s));
         }
+        tsan_acquire(&s.block_end);
       }
     }
   }
 }
 
-inline unsigned char* dynamic_smem() {
+CUDA_EMU_RT unsigned char* dynamic_smem() {
   State& s = state();
   return s.smem.data();
 }
 
-inline void sync_threads() {
+CUDA_EMU_RT void sync_threads() {
   State& s = state();
-  s.cur->wait = Wait::kBlock;
+  Fiber* f = s.cur;
+  char* sync = &s.barrier[f->barriers++ & 1];  // (by parity: a fast thread's next barrier is not this one)
+  tsan_release(sync);
+  f->wait = Wait::kBlock;
   yield_to_scheduler();
+  tsan_acquire(sync);
 }
 
-inline void sync_mask(unsigned mask) {
+// Waits until every lane of `mask` waits with the same mask; with orders_memory (__syncwarp) their
+// accesses before it come before their accesses after it.
+CUDA_EMU_RT void sync_mask(unsigned mask, bool orders_memory) {
   State& s = state();
-  const int lane = s.cur->linear % 32;
+  Fiber* f = s.cur;
+  const int lane = f->linear % 32;
   if (!(mask >> lane & 1u)) fail("warp-synchronous call by a lane outside its mask");
-  s.cur->wait = Wait::kMask;
-  s.cur->mask = mask;
+  char* sync = nullptr;
+  if (orders_memory) {
+    int k = 0;  // this lane's earlier __syncwarp calls with this mask
+    while (k < 8 && f->sync_masks[k] != 0 && f->sync_masks[k] != mask) ++k;
+    if (k == 8) fail("more than 8 different __syncwarp masks in one thread");
+    f->sync_masks[k] = mask;
+    const int count = f->sync_counts[k]++;
+    sync = &s.warp_sync[f->linear / 32][__builtin_ctz(mask)][__builtin_popcount(mask)][count & 1];
+    tsan_release(sync);
+  }
+  f->wait = Wait::kMask;
+  f->mask = mask;
   yield_to_scheduler();
+  if (sync != nullptr) tsan_acquire(sync);
 }
 
 template <typename T>
-T shuffle(unsigned mask, T v, int src_lane) {
+CUDA_EMU_RT T shuffle(unsigned mask, T v, int src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle type");
   State& s = state();
   const int me = s.cur->linear, base = me / 32 * 32;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   s.slots[me] = bits;
-  sync_mask(mask);
+  sync_mask(mask, false);
   if (src_lane < 0 || src_lane >= 32 || !(mask >> src_lane & 1u)) {
     fail("shuffle reads lane " + std::to_string(src_lane) + ", outside its mask");
   }
   T out;
   bits = s.slots[base + src_lane];
   std::memcpy(&out, &bits, sizeof(T));
-  sync_mask(mask);  // nobody overwrites its slot before every lane has read
+  sync_mask(mask, false);  // nobody overwrites its slot before every lane has read
   return out;
 }
 
@@ -396,23 +490,23 @@ Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem =
 // ---- CUDA built-ins ---------------------------------------------------------------------------------
 
 #define threadIdx (::cuda_emu::thread_idx())
-#define blockIdx (static_cast<const dim3&>(::cuda_emu::state().block_idx))
-#define blockDim (static_cast<const dim3&>(::cuda_emu::state().block_dim))
-#define gridDim (static_cast<const dim3&>(::cuda_emu::state().grid))
+#define blockIdx (::cuda_emu::block_idx())
+#define blockDim (::cuda_emu::block_dim())
+#define gridDim (::cuda_emu::grid_dim())
 
 inline void __syncthreads() { ::cuda_emu::sync_threads(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::sync_mask(mask); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::sync_mask(mask, true); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const int lane = static_cast<int>(::cuda_emu::state().cur->linear % 32);
+  const int lane = ::cuda_emu::lane_id();
   if (width != 32) ::cuda_emu::fail("shuffle width other than 32 is not emulated");
   return ::cuda_emu::shuffle(mask, v, lane ^ lane_mask);
 }
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const int lane = static_cast<int>(::cuda_emu::state().cur->linear % 32);
+  const int lane = ::cuda_emu::lane_id();
   if (width != 32) ::cuda_emu::fail("shuffle width other than 32 is not emulated");
   const int src = lane + static_cast<int>(delta);
   // a source past the warp returns the caller's own value (the caller still takes part)
