@@ -127,6 +127,9 @@ ATTN = [
     (1, 1, (1, 1), 1, 16, 3, False),    # the window is larger than the grid
     (1, 1, (17, 16), 2, 8, 3, False),   # N > 256: more keys than the groups of a prefix block
     (1, 1, (3, 5), 1, 2048, 3, True),   # the slab path (rows longer than the registers hold)
+    (2, 3, (3, 3), 1, 3, 3, False),     # head dim 3
+    (1, 1, (5, 3), 1, 300, 5, False),   # several vectors per lane
+    (1, 1, (2, 3), 0, 768, 9, True),    # window 9 on a 2 x 3 grid
 ]
 
 
@@ -242,6 +245,11 @@ PROMPT_ADD = [
     (2, 11, 48, 5, 0.2, True, "strided"),      # rows of a wider tensor, misaligned (no vector loads)
     (2, 6, 96, 8, 0.0, False, "padded"),       # rows of a wider tensor, aligned (vector loads)
     (1, 197, 768, 16, 0.1, True, "contiguous"),  # ViT-B sizes
+    (2, 3, 4096, 16, 0.3, True, "contiguous"),  # 65 KiB of shared memory per warp forward, 131 KiB backward
+    (3, 7, 1024, 64, 0.3, False, "contiguous"),  # r = 64: two passes of the columns kernel
+    (1, 1, 40, 1, 0.3, True, "contiguous"),     # one row: 3 of the warp's 4 rows empty
+    (3, 7, 96, 1, 0.0, False, "contiguous"),    # 21 rows: a one-row warp and idle warps in the last block
+    (3, 7, 64, 64, 0.3, True, "offset"),        # odd storage offset: misaligned, scalar loads
 ]
 
 
@@ -255,6 +263,10 @@ def _rows(x, layout):
     if layout == "contiguous":
         return x
     B, N, C = x.shape
+    if layout == "offset":
+        flat = torch.zeros(B * N * C + 1, dtype=x.dtype)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(B, N, C)
     wide = torch.zeros(B, N, C + 8, dtype=x.dtype)
     start = 1 if layout == "strided" else 8
     wide[..., start:start + C] = x
@@ -288,6 +300,11 @@ def _pa_both(ops, case, t, layout, seed=7):
 def test_prompt_add_matches_cpu(emu, case, dtype):
     low, cpu = _as(dtype, *_pa_inputs(case))
     layout = case[6]
+    if dtype == torch.float64 and case[2] == 4096:
+        # 262 KiB of shared memory per warp in the backward: more than a GPU has, a clear error
+        with pytest.raises(RuntimeError, match="too large for the CUDA kernels"):
+            _pa_both(emu, case, low, layout)
+        return
     got = _pa_both(emu, case, low, layout)
     want = _pa_both(CPU_OPS, case, cpu, layout)
     # mean, rstd and z are float32 statistics on both sides for float16 / bfloat16 inputs
