@@ -47,6 +47,11 @@ def emu():
     ops.set_schedule(0)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the tests that draw from the global generator draw the same numbers every run
+
+
 def _rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -84,13 +89,19 @@ def test_emulator_runs_the_kernels(emu):
 
 def test_selftest_reductions(emu):
     threads = 96
-    x = torch.randn(3 * threads)
-    got = emu.selftest_sums(x, threads)
-    xb = x.double().view(3, threads // 32, 32)
-    want = xb.sum(-1, keepdim=True).expand(-1, -1, 32).clone()
-    want[:, :, 0] += 1000.0 * xb.sum(-1)  # lane 0 holds the __shfl_down_sync total
-    want += 1e6 * xb.sum((1, 2)).view(3, 1, 1)
-    torch.testing.assert_close(got.double(), want.reshape(-1), rtol=1e-6, atol=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-8, 9, (3 * threads,), generator=g).float()  # integers: every sum is exact
+    got = emu.selftest_sums(x, threads).view(3, threads // 32, 32, 3)
+    xw = x.view(3, threads // 32, 32)
+    assert torch.equal(got[..., 0], xw.sum(-1, keepdim=True).expand(-1, -1, 32))
+    # the __shfl_down_sync tree, step by step: a source lane past the warp returns the caller's value
+    down = xw.clone()
+    for o in (16, 8, 4, 2, 1):
+        src = torch.arange(32) + o
+        down = down + torch.where(src < 32, down[..., src.clamp(max=31)], down)
+    assert torch.equal(got[..., 1], down)
+    assert torch.equal(got[:, :, 0, 1], xw.sum(-1))  # lane 0: the warp's total
+    assert torch.equal(got[..., 2], xw.sum((1, 2)).view(3, 1, 1).expand(-1, threads // 32, 32))
 
 
 def test_selftest_race_shows_up_in_one_schedule(emu):

@@ -6,14 +6,15 @@
 
 namespace {
 
-// Per thread t of each block: out[t] = the sum of x over t's warp (butterfly) + 1000 * the sum over
-// the lanes t..31 of the warp (__shfl_down_sync tree, lane 0 holds the warp total) + 1e6 * the
-// block's total, through dynamic shared memory and __syncthreads.
+// Per thread t of each block, in out[3t .. 3t + 2]: the sum of x over t's warp (butterfly), the
+// __shfl_down_sync tree's value (lane 0: the warp's total) and the block's total, through dynamic
+// shared memory and __syncthreads.
 __global__ void sums_kernel(const float* x, float* out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* warp_totals = reinterpret_cast<float*>(smem_raw);
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5, warps = blockDim.x >> 5;
-  const float v = x[blockIdx.x * blockDim.x + t];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + t;
+  const float v = x[i];
   float all = v;
   for (int o = 16; o > 0; o >>= 1) all += __shfl_xor_sync(0xffffffffu, all, o);
   float down = v;
@@ -22,7 +23,9 @@ __global__ void sums_kernel(const float* x, float* out) {
   __syncthreads();
   float block = 0.f;
   for (int w = 0; w < warps; ++w) block += warp_totals[w];
-  out[blockIdx.x * blockDim.x + t] = all + 1000.f * (lane == 0 ? down : 0.f) + 1e6f * block;
+  out[3 * i] = all;
+  out[3 * i + 1] = down;
+  out[3 * i + 2] = block;
 }
 
 // Thread t writes its value to shared memory and reads its neighbour's without a barrier between.
@@ -51,7 +54,7 @@ __global__ void shuffle_after_exit_kernel(float* out) {
 }
 
 at::Tensor sums(const at::Tensor& x, int64_t threads) {
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty({x.numel(), 3}, x.options());
   const int blocks = static_cast<int>(x.numel() / threads);
   sums_kernel<<<blocks, static_cast<int>(threads), (threads / 32) * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<float>(), out.data_ptr<float>());
