@@ -45,9 +45,11 @@
 // With ThreadSanitizer every thread of a block is a TSan fiber and the emulator tells TSan which
 // events order memory: __syncthreads and __syncwarp order the accesses of the threads taking part
 // (warp shuffles do not: they exchange registers), consecutive blocks and launches are ordered (they
-// run one after the other here). TSan then reports two threads of a block that access the same shared
-// or global memory, one of them writing, with no barrier between: a race on a GPU, whatever order the
-// emulator happens to run them in. The emulator's own code is not instrumented (CUDA_EMU_RT).
+// run one after the other here, so races between the blocks of a launch go unreported). TSan then
+// reports two threads of a block that access the same shared or global memory, one of them writing,
+// with no barrier between: a race on a GPU, whatever order the emulator happens to run them in. The
+// emulator's own code is not instrumented (CUDA_EMU_RT). With AddressSanitizer the fiber switches are
+// announced to it (asan_leave / asan_arrive), so that it follows the stacks.
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 #define CUDA_EMU_TSAN 1
