@@ -71,6 +71,9 @@ def rewrite(source: str, name: str) -> str:
             + text[last_include.end():])
     # CPU tensors stand in for CUDA tensors
     text = text.replace(".is_cuda()", ".is_cpu()")
+    # fresh tensors are filled with NaN bytes: an element no kernel writes shows up
+    text = re.sub(r"\bat::empty\(", "::cuda_emu::empty_poisoned(", text)
+    text = re.sub(r"\bat::empty_like\(", "::cuda_emu::empty_like_poisoned(", text)
     # registered as new ops of their own namespace, schemas inferred from the C++ signatures
     text, n_lib = re.subn(r"TORCH_LIBRARY_IMPL\(sa2vp_kernels,\s*CUDA,\s*m\)", f"TORCH_LIBRARY_FRAGMENT({NAME}, m)", text)
     if n_lib != 1:

@@ -17,8 +17,12 @@
 // Fibers are resumed in thread order, or in reverse order (set_schedule(1)): a kernel whose result
 // depends on the order in which threads run between two barriers has a race. Dynamic shared memory
 // starts filled with 0xff bytes (NaN for floating point), so reading shared memory that no thread
-// wrote shows up in the results.
+// wrote shows up in the results; so do the tensors the host code allocates with at::empty and
+// at::empty_like (build.py routes them through empty_poisoned), so that an output element no kernel
+// writes, or a read of one before it is written, shows up too.
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <math.h>
 #include <setjmp.h>
@@ -533,6 +537,21 @@ inline std::common_type_t<A, B> max(A a, B b) {
 }
 
 // ---- the host API the kernels' launch code uses -----------------------------------------------------
+
+namespace cuda_emu {
+inline at::Tensor poisoned(at::Tensor t) {
+  if (t.numel() > 0) std::memset(t.data_ptr(), 0xff, t.numel() * t.element_size());
+  return t;
+}
+inline at::Tensor empty_poisoned(at::IntArrayRef size, at::TensorOptions options = {},
+                                 std::optional<at::MemoryFormat> format = std::nullopt) {
+  return poisoned(at::empty(size, options, format));
+}
+inline at::Tensor empty_like_poisoned(const at::Tensor& t, at::TensorOptions options = {},
+                                      std::optional<at::MemoryFormat> format = std::nullopt) {
+  return poisoned(at::empty_like(t, options, format));
+}
+}  // namespace cuda_emu
 
 template <typename K>
 inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
