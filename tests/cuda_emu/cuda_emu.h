@@ -225,7 +225,7 @@ CUDA_EMU_RT void fiber_entry() {
 }
 
 // Runs fiber f until it waits or finishes. Kept out of line with no locals that change after _setjmp.
-CUDA_EMU_RT void resume(Fiber* f) {
+__attribute__((noinline)) CUDA_EMU_RT void resume(Fiber* f) {
   State& s = state();
   s.cur = f;
   if (!_setjmp(s.sched_jb)) {
