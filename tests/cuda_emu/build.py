@@ -56,11 +56,10 @@ def rewrite(source: str, name: str) -> str:
         pos = m.end()
     out.append(text[pos:])
     text = "".join(out)
-    launches = text.count("::cuda_emu::launch(")
-    if launches == 0:
+    if "::cuda_emu::launch(" not in text:
         raise ValueError(f"{name}: no kernel launch found")
     # extern __shared__ [__align__(n)] T name[];  ->  T* name = (T*) the block's dynamic shared memory
-    text, n = re.subn(r"extern\s+__shared__\s+(?:__align__\((?:[^()]|\([^()]*\))*\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\]\s*;",
+    text = re.sub(r"extern\s+__shared__\s+(?:__align__\((?:[^()]|\([^()]*\))*\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\]\s*;",
                       r"\1* \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_smem());", text)
     # the c10/cuda headers are replaced by the emulator's stand-ins
     # (lines keep their numbers, for the compiler's messages)
