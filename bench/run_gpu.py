@@ -71,7 +71,7 @@ class Plan:
     # module's TUNE_CONFIGS, None); the tiled attention forward (num_warps, head-dim chunk BLOCK_DC);
     # 0 = the default's value.
     tune_prompt_add: tuple | None = None
-    tune_attention: tuple = ((0, 0), (2, 0), (4, 0), (16, 0), (0, 32), (0, 128), (4, 128))
+    tune_attention: tuple = ((0, 0), (2, 0), (4, 0), (8, 0), (2, 32), (4, 32), (4, 128))
     shares: dict = field(default_factory=lambda: {
         "attention": 0.3, "prompt_add": 0.2, "prompt_map": 0.1, "end_to_end": 0.3, "profile": 0.15,
         "graphs": 0.3, "tune": 0.35,
@@ -676,7 +676,8 @@ def section_tune(run: Run) -> None:
                 p = default_plan(*key)
                 if p is None:
                     return None
-                return dataclasses.replace(p, num_warps=warps or p.num_warps, block_dc=block_dc or p.block_dc)
+                return dataclasses.replace(p, fwd_num_warps=warps or p.fwd_num_warps,
+                                           block_dc=block_dc or p.block_dc)
 
             tla._tile_plan = plan
             try:

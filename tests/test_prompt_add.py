@@ -613,11 +613,13 @@ def test_edge_cases_against_float64(backend, case):
 
 
 @pytest.mark.parametrize("C,r,dtype,wide", [
-    (768, 16, torch.bfloat16, False), (768, 16, torch.float32, False), (768, 64, torch.float16, False),
-    (1280, 16, torch.bfloat16, False), (1280, 16, torch.float32, True), (1024, 64, torch.float32, True),
-    (4096, 16, torch.bfloat16, True), (768, 16, torch.float64, True), (40, 3, torch.float64, False)])
+    (768, 16, torch.bfloat16, True), (768, 16, torch.float32, False), (768, 64, torch.float16, True),
+    (1280, 16, torch.bfloat16, True), (1280, 16, torch.float32, True), (1024, 64, torch.float32, True),
+    (4096, 16, torch.bfloat16, True), (768, 16, torch.float64, True), (40, 3, torch.float64, False),
+    (256, 16, torch.bfloat16, False), (257, 16, torch.float16, True), (200, 8, torch.float16, False)])
 def test_triton_tile_plan(C, r, dtype, wide):
-    """Whole rows while their tiles fit an A100 block, chunks of channels beyond; every tile fits."""
+    """Whole rows while their tiles fit an A100 block (16-bit rows: up to 256 channels), chunks of
+    channels beyond; every tile fits."""
     from sa2vp_kernels.triton import prompt_add as tp
     block_m, block_c, block_r, _, is_wide = tp._row_blocks(C, r, dtype)
     assert is_wide == wide

@@ -770,6 +770,7 @@ class _TilePlan:
     block_dc: int  # head-dim chunk
     num_warps: int
     stages: int
+    fwd_num_warps: int  # the forward kernel's (tuned on its own; the backward kernels use num_warps)
 
     def tiles(self, gh: int) -> int:
         return triton.cdiv(gh, self.rows) * self.x_tiles
@@ -822,8 +823,12 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
         # registers (seen in ptxas reports for sm_90).
         block_dc = 64
     num_warps = 4 if scores < 2048 else 8
+    # The forward in 16-bit dtypes: 2 warps for D <= 64, else 4. On an H200 (bench/run_gpu.py, tune
+    # section, B=64, 14x14 + CLS, bf16, CUDA-graph medians) 8 warps took 0.0876 ms (12 x 64) and
+    # 0.0806 ms (1 x 768); 2 warps 0.0654 / 0.0513, 4 warps 0.0697 / 0.0457, 16 warps 0.164 / 0.164.
+    fwd_num_warps = num_warps if dtype.itemsize >= 4 else (2 if D <= 64 else 4)
     return _TilePlan(rows, cols, x_tiles, halo_x, halo_cols, block, block_halo, block_dc, num_warps,
-                     stages=2)
+                     stages=2, fwd_num_warps=fwd_num_warps)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -882,7 +887,7 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
             plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
             *split_float(scale), **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
-            PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.num_warps,
+            PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
         )
     else:
         bhg = B * H * grid_h * grid_w

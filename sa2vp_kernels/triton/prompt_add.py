@@ -406,6 +406,11 @@ _A100_SHARED = 166912  # opt-in shared memory per block of an A100 (the smallest
 _WIDE_SHARED = _A100_SHARED
 _CHUNK_SHARED = 16 * 1024
 _PIPELINE_STAGES = 3  # Triton's default num_stages on sm_80/sm_90
+# 16-bit rows wider than this run chunked too: on an H200 (bench/run_gpu.py, tune section, B=64, N=197,
+# C=768, r=16, p=0.1, bfloat16, CUDA-graph medians) whole rows with 8 warps took 0.0663 ms forward and
+# 0.2295 ms forward + backward, chunks of 256 channels with 4 warps 0.0375 and 0.1785 ms (chunks of 128:
+# 0.0368 and 0.1855 ms).
+_HALF_WHOLE_ROWS_MAX = 256
 
 
 def _tile_shared_bytes(block_m: int, block_c: int, block_r: int, dtype: torch.dtype, wide: bool = False) -> int:
@@ -441,8 +446,9 @@ def _check_fits(block_m: int, block_c: int, block_r: int, dtype: torch.dtype, de
 def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_C, BLOCK_R, num_warps, wide) of the token-tile kernels.
 
-    Whole rows (BLOCK_C >= C) unless their tiles need more shared memory than _WIDE_SHARED; then
-    ``wide`` and chunks of BLOCK_C channels. One warp per 2048 elements of the tile for 16-bit inputs,
+    Whole rows (BLOCK_C >= C) unless their tiles need more shared memory than _WIDE_SHARED, or the
+    rows are 16-bit and wider than _HALF_WHOLE_ROWS_MAX channels; then ``wide`` and chunks of BLOCK_C
+    channels. One warp per 2048 elements of the tile for 16-bit inputs,
     per 1024 for 32/64-bit ones: with 2048 a float32 tile of C = 768 needs more than 255 registers per
     thread on sm_80/sm_90 and spills (``python -m sa2vp_kernels.triton.aot`` reports registers and
     spills per configuration).
@@ -450,7 +456,8 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
     block_m = 16
     block_r = max(16, triton.next_power_of_2(r))
     block_c = triton.next_power_of_2(C)
-    wide = _tile_shared_bytes(block_m, block_c, block_r, dtype) > _WIDE_SHARED
+    wide = (_tile_shared_bytes(block_m, block_c, block_r, dtype) > _WIDE_SHARED
+            or (dtype.itemsize < 4 and block_c > _HALF_WHOLE_ROWS_MAX))
     if wide:
         chunk = max(16, _CHUNK_SHARED // ((block_m + block_r) * dtype.itemsize))
         block_c = min(block_c, 1 << (chunk.bit_length() - 1))
@@ -459,22 +466,23 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
     return block_m, block_c, block_r, num_warps, wide
 
 
-# Launch configurations (BLOCK_M, num_warps, BLOCK_C; 0 keeps the default's value) that the "tune"
-# section of bench/run_gpu.py times at the benchmark shape (B=64, N=197, C=768, r=16, bfloat16), the
-# default among them. A BLOCK_C below the row width runs the chunked kernels: at that shape the
-# whole-row tile takes 224 registers per thread (one 8-warp program per SM), a 256-channel chunk with
-# 8 warps 80 (the forward) and 104 (the backward rows). Each compiles for sm_90 without spills
-# (python -m sa2vp_kernels.triton.aot compiles them all, tests/test_triton_aot.py).
-TUNE_CONFIGS = ((16, 8, 0), (16, 16, 0), (16, 8, 256), (16, 4, 256), (16, 4, 128), (32, 8, 256))
+# Launch configurations (BLOCK_M, num_warps, BLOCK_C; 0 keeps the default's value, BLOCK_C -1 means whole rows) that
+# the "tune" section of bench/run_gpu.py times at the benchmark shape (B=64, N=197, C=768, r=16, bfloat16), the
+# default among them. A BLOCK_C below the row width runs the chunked kernels: at that shape the whole-row tile takes
+# 224 registers per thread (one 8-warp program per SM), a 256-channel chunk with 8 warps 80 (the forward) and 104 (the
+# backward rows). Each compiles for sm_90 without spills (python -m sa2vp_kernels.triton.aot compiles them all,
+# tests/test_triton_aot.py).
+TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 4, 256), (16, 2, 128))
 
 
 def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
-    """A replacement of ``_row_blocks`` with the given values (0: the default's), for tuning sweeps."""
+    """A replacement of ``_row_blocks`` with the given values (0: the default's; block_c -1: whole
+    rows), for tuning sweeps."""
     default = _row_blocks
 
     def rows(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int, bool]:
         d = default(C, r, dtype)
-        bc = block_c or d[1]
+        bc = triton.next_power_of_2(C) if block_c == -1 else block_c or d[1]
         if bc & (bc - 1):
             raise ValueError(f"block_c must be a power of two, got {block_c}")
         return (block_m or d[0], bc, d[2], num_warps or d[3], bc < triton.next_power_of_2(C) if block_c else d[4])
