@@ -12,7 +12,7 @@
 # Environment: PYTHON (default python3), OUT (default bench/results/gpu-check-<time>),
 # SA2VP_GPU_BUDGET (seconds for the whole script, default 470), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default 16), SA2VP_TEST_WORKERS (pytest-xdist workers, default 8), SA2VP_SKIP_BUILD=1 (use
-# the extension already built), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g.
+# the extension already built), SA2VP_GPU_TESTS (test files to run, default all), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g.
 # "--sections attention,prompt_add"). Needs no network and no virtual environment.
 # To re-run only some tests with their failure reports: bash bench/gpu_rerun.sh FILE_OF_NODE_IDS.
 set -uo pipefail
@@ -64,9 +64,10 @@ if (( tests_budget >= 20 )); then
   # The compiled kernels' tests first (their first run on a GPU), then the rest. One line per test
   # (-v): if the time limit cuts the run, the results so far are still in the log.
   # each failure's report is written as it happens (tests/conftest.py), so a cut run keeps them
-  SA2VP_FAILURE_LOG="$OUT/failures.log" timeout "$tests_budget" "$PY" -m pytest -m gpu tests/test_local_attention_cuda.py tests/test_prompt_add.py \
-    tests/test_prompt_map.py tests -v -rfE -p no:cacheprovider ${opts[@]+"${opts[@]}"} \
-    -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
+  # SA2VP_GPU_TESTS: the test files (or node ids) to run instead, e.g. after a change to one op.
+  read -r -a test_paths <<<"${SA2VP_GPU_TESTS:-tests/test_local_attention_cuda.py tests/test_prompt_add.py tests/test_prompt_map.py tests}"
+  SA2VP_FAILURE_LOG="$OUT/failures.log" timeout "$tests_budget" "$PY" -m pytest -m gpu "${test_paths[@]}" \
+    -v -rfE -p no:cacheprovider ${opts[@]+"${opts[@]}"} -o faulthandler_timeout=100 >"$OUT/pytest-gpu.log" 2>&1
   rc=$?
   tests=$(grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)" "$OUT/pytest-gpu.log" | tail -n 1)
   tests="${tests:-no pytest summary} (rc $rc, $(( $(date +%s) - t )) s)"

@@ -10,8 +10,8 @@ fwd / bwd / fwd+bwd; our Triton and CUDA kernels, the vectorised reference, dens
 neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, fwd+bwd; kernels,
 reference, the unfused nn composition, eager and compiled); prompt_map; the kernels of one fwd+bwd
 call per fused op (torch.profiler, "profile"); CUDA-graph timings of the fast measurements ("graphs");
-kernel variants around the defaults ("tune": CUDA attention with and without prefetching, Triton
-launch configurations); the SA2VP ViT-B/16 training step and inference at 224 (auto backend against
+kernel variants around the defaults ("tune": CUDA attention with and without prefetching, CUDA
+prompt_add forward with and without staged weights, Triton launch configurations); the SA2VP ViT-B/16 training step and inference at 224 (auto backend against
 backend="reference") and the Swin-B one; N scaling 197 -> 785 -> 4097 with peak memory; windows 3/5/7;
 last, the model at 448.
 
@@ -605,11 +605,13 @@ def _time_tuned(run: Run, section: str, case, provider: str, make, pass_: str = 
 
 
 _PREFETCH_ENV = "SA2VP_CUDA_ATTN_PREFETCH"
+_STAGED_ENV = "SA2VP_CUDA_PROMPT_ADD_STAGED"
 
 
 def section_tune(run: Run) -> None:
     """Timings of kernel variants around the defaults, for tuning them on this card: the CUDA attention
-    with and without prefetching (forward and forward + backward), the Triton prompt_add's launch
+    with and without prefetching (forward and forward + backward), the CUDA prompt_add forward with and
+    without its weights staged in shared memory, the Triton prompt_add's launch
     configurations (BLOCK_M, num_warps, channel chunk; forward and forward + backward) and the tiled
     Triton attention's (num_warps, head-dim chunk; forward). The defaults are labelled "default"."""
     import dataclasses
@@ -634,6 +636,27 @@ def section_tune(run: Run) -> None:
                 os.environ.pop(_PREFETCH_ENV, None)
             else:
                 os.environ[_PREFETCH_ENV] = saved
+    if "cuda" in common.kernel_backends(run.device):
+        # The CUDA prompt_add forward with and without the weights staged in shared memory
+        # (SA2VP_CUDA_PROMPT_ADD_STAGED, read at every launch).
+        saved = os.environ.get(_STAGED_ENV)
+        dtype = getattr(common.torch, run.plan.dtype_name)
+        B, N, C, r = run.plan.prompt_add[0]
+        pcase = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
+        try:
+            for flag, label in (("0", "cuda default"), ("1", "cuda staged")):
+                if run.over():
+                    run.skip("tune", f"prompt_add {pcase.label} {label}", "over the section's time budget")
+                    continue
+                os.environ[_STAGED_ENV] = flag
+                for pass_ in ("fwd", "fwd+bwd"):
+                    _time_tuned(run, "tune", pcase, label,
+                                lambda: common.prompt_add_workload("cuda", pcase, run.device, n_sets=2), pass_)
+        finally:
+            if saved is None:
+                os.environ.pop(_STAGED_ENV, None)
+            else:
+                os.environ[_STAGED_ENV] = saved
     from sa2vp_kernels._dispatch import triton_interpreted
     if "triton" not in common.kernel_backends(run.device) and not (run.args.tiny and triton_interpreted()):
         run.skip("tune", "triton", "the Triton kernels do not run on this device")

@@ -322,6 +322,34 @@ def test_prompt_add_matches_cpu(emu, case, dtype):
     _check(got, want, dtype, f"prompt_add {_pa_id(case)}")
 
 
+# The forward with the weights staged in shared memory (SA2VP_CUDA_PROMPT_ADD_STAGED=1): same sums in
+# the same order as the default kernel. Cases: ViT-B in 16 bits (two blocks, each looping twice over its
+# groups of rows with the emulator's two SMs), odd C (scalar loads), an odd storage offset, and 800 rows
+# of C = 40 (vector loads, several passes of the row loop).
+STAGED_CASES = [PROMPT_ADD[6], PROMPT_ADD[3], PROMPT_ADD[11], (4, 200, 40, 3, 0.2, True, "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", STAGED_CASES, ids=_pa_id)
+def test_prompt_add_staged_forward_is_bitwise_the_default(emu, monkeypatch, case, dtype):
+    B, N, C, r, p, deep, layout = case
+    t = _as(dtype, *_pa_inputs(case))[0]
+    target, message = _rows(t[0], layout), _rows(t[1], layout)
+    results, launches = [], []
+    for staged in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_STAGED", staged)
+        before = emu.stats().tolist()
+        results.append(emu.prompt_add_fwd(target, message, *t[2:10], 0.7, p, 1e-6, 11))
+        after = emu.stats().tolist()
+        launches.append((after[1] - before[1], after[2] - before[2]))  # (blocks, threads)
+    staged_fits = 2 * r * C * dtype.itemsize <= 64 * 1024
+    # the staged kernel ran: its blocks have more warps (and with many rows, fewer blocks)
+    assert (launches[0] != launches[1]) == staged_fits, launches
+    for a, b in zip(*results):
+        assert not a.isnan().any() and torch.equal(a, b)
+
+
 class _EmuPromptAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ops, p, target, message, nw, nb, dw, db, uw, ub, deep, ds):
@@ -412,18 +440,19 @@ def test_prompt_map_gradcheck(emu, grid, embed_grid, num_prefix):
 # ---- thread order -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["local_attn", "local_attn_prefetch", "prompt_add", "prompt_map"])
+@pytest.mark.parametrize("op", ["local_attn", "local_attn_prefetch", "prompt_add", "prompt_add_staged", "prompt_map"])
 def test_results_do_not_depend_on_thread_order(emu, monkeypatch, op):
     """Threads resumed in reverse order between barriers give the same bits: no kernel reads what
     another thread writes without a barrier in between (in the emulator's model)."""
     monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", "1" if op == "local_attn_prefetch" else "0")
+    monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_STAGED", "1" if op == "prompt_add_staged" else "0")
 
     def run():
         if op.startswith("local_attn"):
             case = ATTN[1]
             return _attn_both(emu, case, *_attn_inputs(case, torch.float32))
-        if op == "prompt_add":
-            case = PROMPT_ADD[3]
+        if op.startswith("prompt_add"):
+            case = STAGED_CASES[3] if op == "prompt_add_staged" else PROMPT_ADD[3]
             return _pa_both(emu, case, _pa_inputs(case), case[6])
         case = PROMPT_MAP[3]
         (gh, gw), (eh, ew), P, C, r = case

@@ -12,6 +12,9 @@
 //      total of value k in lane k (31 shuffles for 32 values); z is saved (fp32) for the backward;
 //   3. h = drop(gelu(z)) in shared memory, then u = h @ up_weight^T per channel group (up_weight is
 //      passed transposed, (r, C), so those loads are coalesced too), and the epilogue.
+// A second forward (SA2VP_CUDA_PROMPT_ADD_STAGED=1, where both weights fit kMaxStagedWeights) first
+// copies the two weights into shared memory, then its warps loop over groups of rows (grid: the
+// resident blocks), with the target/deep loads of a channel group issued before the up projection.
 // Backward:
 //   * rows kernel, same layout: gu = scale * drop'(grad_out); gh = gu @ up_weight (as the forward's
 //     z); gz = drop'(gh) * gelu'(z) (saved, fp32); gy = gz @ down_weight (as the forward's u); the
@@ -33,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 
 #include "prompt_add.h"
@@ -47,6 +51,10 @@ constexpr int kJChunk = 8;  // kRowsPerWarp * kJChunk = 32 values per transpose 
 constexpr int kJLoads = 4;   // rows of a (r, C) weight loaded together in the per-channel products
 constexpr int kOutRows = 2;  // forward: rows whose target/deep vectors are loaded together
 constexpr int kMaxWarps = 4;
+// Forward with the weights staged in shared memory (see fwd_kernel): at most this many warps per block
+// and this many bytes of staged weights (both (r, C) weights, e.g. 48 KiB for C = 768, r = 16 in 16 bits).
+constexpr int kMaxWarpsStaged = 12;
+constexpr int64_t kMaxStagedWeights = 64 * 1024;
 constexpr int kColsThreads = 128;  // columns kernel: threads (= channels) per block
 constexpr int kColsTile = 32;      // columns kernel: tokens staged in shared memory at a time
 constexpr int kColsUnroll = 8;     // columns kernel: tokens whose loads a thread issues together
@@ -122,16 +130,16 @@ __device__ __forceinline__ A gelu_grad(A z) {
 // acc[i][e] += sum_j lo[i * r + j] * w[j * C + c0 + e] for the warp's rows i (lo: R x r in shared
 // memory, w: an (r, C) weight): the loads of kJLoads weight rows are issued together (past r: row
 // r - 1, not used), the sums run over j in order.
-template <typename T, int V, int R, typename A>
+template <int JL = kJLoads, typename T, int V, int R, typename A>
 __device__ __forceinline__ void add_low_rank(A (&acc)[R][V], const A* lo, int r, const T* w, int C, int c0) {
-  for (int j0 = 0; j0 < r; j0 += kJLoads) {
-    A wv[kJLoads][V];
+  for (int j0 = 0; j0 < r; j0 += JL) {
+    A wv[JL][V];
 #pragma unroll
-    for (int jj = 0; jj < kJLoads; ++jj) {
+    for (int jj = 0; jj < JL; ++jj) {
       load_vec<T, V>(w + static_cast<int64_t>(min(j0 + jj, r - 1)) * C + c0, wv[jj]);
     }
 #pragma unroll
-    for (int jj = 0; jj < kJLoads; ++jj) {
+    for (int jj = 0; jj < JL; ++jj) {
       if (j0 + jj < r) {
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -167,182 +175,243 @@ struct FwdParams {
   bool dropout;
 };
 
+// Bytes of shared memory that the staged forward keeps both (r, C) weights in (16-byte multiple).
+template <typename T>
+__host__ __device__ constexpr int64_t staged_weight_bytes(int64_t r, int64_t C) {
+  return (2 * r * C * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16;
+}
+
+// Copies n elements (a multiple of V; 16-byte aligned when V > 1) with the block's threads.
+template <typename T, int V>
+__device__ __forceinline__ void copy_to_shared(T* dst, const T* src, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n / V; i += blockDim.x) {
+    reinterpret_cast<Pack<T, V>*>(dst)[i] = reinterpret_cast<const Pack<T, V>*>(src)[i];
+  }
+}
+
 // Shared memory of one warp: kRowsPerWarp rows of C (lane-private layout: channel e of group g of
 // row i at i * C + e * groups + g), then kRowsPerWarp x r low-rank values (shared by the warp).
-template <typename T, int V>
-__global__ void __launch_bounds__(kMaxWarps * 32) fwd_kernel(const FwdParams<T> p) {
+// STAGED: the block first copies down_weight and up_weight^T into shared memory (in front of the
+// warps' areas) and its warps then loop over groups of rows, the grid sized to the resident blocks.
+// Without it every weight vector of the two projections is a load from L1/L2 whose latency the warp
+// waits for (the loads of one rank's row cannot all be hoisted without spills); with it they are
+// shared-memory loads, and the sums are the same, in the same order (bitwise equal results).
+template <typename T, int V, bool STAGED>
+__global__ void __launch_bounds__((STAGED ? kMaxWarpsStaged : kMaxWarps) * 32) fwd_kernel(const FwdParams<T> p) {
   using A = acc_t<T>;
   constexpr int R = kRowsPerWarp;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int C = p.C, r = p.r, groups = C / V;
-  A* ys = reinterpret_cast<A*>(smem_raw) + static_cast<int64_t>(warp) * R * (C + r);
+  const T* wd = p.wd;
+  const T* wu_t = p.wu_t;
+  unsigned char* rows_smem = smem_raw;
+  if constexpr (STAGED) {
+    T* ws = reinterpret_cast<T*>(smem_raw);
+    const int64_t n = static_cast<int64_t>(r) * C;
+    copy_to_shared<T, V>(ws, p.wd, n);
+    copy_to_shared<T, V>(ws + n, p.wu_t, n);
+    __syncthreads();
+    wd = ws;
+    wu_t = ws + n;
+    rows_smem += staged_weight_bytes<T>(r, C);
+  }
+  A* ys = reinterpret_cast<A*>(rows_smem) + static_cast<int64_t>(warp) * R * (C + r);
   A* hs = ys + R * C;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R;
-  if (row0 >= p.M) return;
-
-  // 1. LayerNorm. The warp's R rows are read together, one 16-byte vector of each per group, so that
-  // a lane has R loads in flight instead of one.
-  bool valid[R];
-  const T* xrow[R];
-#pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int64_t m = row0 + i;
-    valid[i] = m < p.M;
-    xrow[i] = valid[i] ? p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn : p.message;
-  }
-  A mean[R], rstd[R], s[R];
-#pragma unroll
-  for (int i = 0; i < R; ++i) s[i] = 0;
-  for (int g = lane; g < groups; g += 32) {
-    A v[R][V];
-#pragma unroll
-    for (int i = 0; i < R; ++i) load_vec<T, V>(xrow[i] + g * V, v[i]);  // (row 0 for the rows past M)
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5) * R;
+  for (int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * R; row0 < p.M;
+       row0 += row_step) {
+    // 1. LayerNorm. The warp's R rows are read together, one 16-byte vector of each per group, so that
+    // a lane has R loads in flight instead of one.
+    bool valid[R];
+    const T* xrow[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const A x = valid[i] ? v[i][e] : A(0);
-        ys[i * C + e * groups + g] = x;
-        s[i] += x;
-      }
+      const int64_t m = row0 + i;
+      valid[i] = m < p.M;
+      xrow[i] = valid[i] ? p.message + (m / p.N) * p.msg_sb + (m % p.N) * p.msg_sn : p.message;
     }
-  }
+    A mean[R], rstd[R], s[R];
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int64_t m = row0 + i;
-    const A* yi = ys + i * C;
-    mean[i] = warp_sum(s[i]) / A(C);
-    A q = 0;
-    if (valid[i]) {
-      for (int g = lane; g < groups; g += 32) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const A d = yi[e * groups + g] - mean[i];
-          q += d * d;
-        }
-      }
-    }
-    q = warp_sum(q);
-    rstd[i] = valid[i] ? A(1) / sqrt(q / A(C) + p.eps) : A(0);
-    if (valid[i] && lane == 0) {
-      p.mean[m] = mean[i];
-      p.rstd[m] = rstd[i];
-    }
-  }
-  for (int g = lane; g < groups; g += 32) {
-    A ga[V], be[V];
-    load_vec<T, V>(p.gamma + g * V, ga);
-    load_vec<T, V>(p.beta + g * V, be);
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      A* yi = ys + i * C;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const A y = (yi[e * groups + g] - mean[i]) * rstd[i] * ga[e] + be[e];
-        yi[e * groups + g] = valid[i] ? y : A(0);
-      }
-    }
-  }
-  __syncwarp();
-
-  // 2. z = y @ down_weight^T + down_bias; h = drop(gelu(z)).
-  for (int j0 = 0; j0 < r; j0 += kJChunk) {
-    A v[32];
-#pragma unroll
-    for (int k = 0; k < 32; ++k) v[k] = 0;
+    for (int i = 0; i < R; ++i) s[i] = 0;
     for (int g = lane; g < groups; g += 32) {
-      A y[R][V];
+      A v[R][V];
+#pragma unroll
+      for (int i = 0; i < R; ++i) load_vec<T, V>(xrow[i] + g * V, v[i]);  // (row 0 for the rows past M)
 #pragma unroll
       for (int i = 0; i < R; ++i) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) y[i][e] = ys[i * C + e * groups + g];
+        for (int e = 0; e < V; ++e) {
+          const A x = valid[i] ? v[i][e] : A(0);
+          ys[i * C + e * groups + g] = x;
+          s[i] += x;
+        }
       }
+    }
 #pragma unroll
-      for (int jj = 0; jj < kJChunk; ++jj) {
-        // (guarded: with the loads of all kJChunk ranks hoisted, the float16/bfloat16 kernels spill)
-        A w[V];
-        if (j0 + jj >= r) continue;
-        load_vec<T, V>(p.wd + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+    for (int i = 0; i < R; ++i) {
+      const int64_t m = row0 + i;
+      const A* yi = ys + i * C;
+      mean[i] = warp_sum(s[i]) / A(C);
+      A q = 0;
+      if (valid[i]) {
+        for (int g = lane; g < groups; g += 32) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const A d = yi[e * groups + g] - mean[i];
+            q += d * d;
+          }
+        }
+      }
+      q = warp_sum(q);
+      rstd[i] = valid[i] ? A(1) / sqrt(q / A(C) + p.eps) : A(0);
+      if (valid[i] && lane == 0) {
+        p.mean[m] = mean[i];
+        p.rstd[m] = rstd[i];
+      }
+    }
+    for (int g = lane; g < groups; g += 32) {
+      A ga[V], be[V];
+      load_vec<T, V>(p.gamma + g * V, ga);
+      load_vec<T, V>(p.beta + g * V, be);
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        A* yi = ys + i * C;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const A y = (yi[e * groups + g] - mean[i]) * rstd[i] * ga[e] + be[e];
+          yi[e * groups + g] = valid[i] ? y : A(0);
+        }
+      }
+    }
+    __syncwarp();
+
+    // 2. z = y @ down_weight^T + down_bias; h = drop(gelu(z)).
+    for (int j0 = 0; j0 < r; j0 += kJChunk) {
+      A v[32];
+#pragma unroll
+      for (int k = 0; k < 32; ++k) v[k] = 0;
+      for (int g = lane; g < groups; g += 32) {
+        A y[R][V];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += y[i][e] * w[e];
+          for (int e = 0; e < V; ++e) y[i][e] = ys[i * C + e * groups + g];
+        }
+#pragma unroll
+        for (int jj = 0; jj < kJChunk; ++jj) {
+          // (guarded: with the loads of all kJChunk ranks hoisted, the float16/bfloat16 kernels spill)
+          A w[V];
+          if (j0 + jj >= r) continue;
+          load_vec<T, V>(wd + static_cast<int64_t>(j0 + jj) * C + g * V, w);
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[i * kJChunk + jj] += y[i][e] * w[e];
+          }
         }
       }
-    }
-    const A total = warp_transpose_sum(v, lane);
-    const int i = lane / kJChunk, j = j0 + lane % kJChunk;
-    const int64_t m = row0 + i;
-    if (j < r) {
-      A h = 0;
-      if (m < p.M) {
-        const A zz = total + static_cast<A>(p.bd[j]);
-        p.z[m * r + j] = zz;
-        const bool kept = !p.dropout || hash::keep(hash::row_state(p.key_h, static_cast<uint32_t>(m)),
-                                                   static_cast<uint32_t>(j), p.threshold);
-        h = kept ? gelu(zz) * p.inv_keep : A(0);
+      const A total = warp_transpose_sum(v, lane);
+      const int i = lane / kJChunk, j = j0 + lane % kJChunk;
+      const int64_t m = row0 + i;
+      if (j < r) {
+        A h = 0;
+        if (m < p.M) {
+          const A zz = total + static_cast<A>(p.bd[j]);
+          p.z[m * r + j] = zz;
+          const bool kept = !p.dropout || hash::keep(hash::row_state(p.key_h, static_cast<uint32_t>(m)),
+                                                     static_cast<uint32_t>(j), p.threshold);
+          h = kept ? gelu(zz) * p.inv_keep : A(0);
+        }
+        hs[i * r + j] = h;
       }
-      hs[i * r + j] = h;
     }
-  }
-  __syncwarp();
+    __syncwarp();
 
-  // 3. u = h @ up_weight^T + up_bias, then out = target + scale * drop(u) [+ deep_scale * deep]. The
-  // target (and deep) vectors of kOutRows rows are loaded before their outputs are stored (a store to
-  // out could alias them for the compiler, which would then wait for each row's loads in turn).
-  uint32_t rs_out[R];
-  const T* trow[R];
-  const T* drow[R];
-#pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int64_t m = row0 + i;
-    rs_out[i] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
-    const int64_t b = valid[i] ? m / p.N : 0, n = valid[i] ? m % p.N : 0;
-    trow[i] = p.target + b * p.tgt_sb + n * p.tgt_sn;
-    drow[i] = p.deep != nullptr ? p.deep + n * C : nullptr;
-  }
-  const A s_keep = p.scale * p.inv_keep;
-  for (int g = lane; g < groups; g += 32) {
-    const int c0 = g * V;
-    A u[R][V], bu[V];
-    load_vec<T, V>(p.bu + c0, bu);
+    // 3. u = h @ up_weight^T + up_bias, then out = target + scale * drop(u) [+ deep_scale * deep]. The
+    // target (and deep) vectors of kOutRows rows are loaded before their outputs are stored (a store to
+    // out could alias them for the compiler, which would then wait for each row's loads in turn).
+    uint32_t rs_out[R];
+    const T* trow[R];
+    const T* drow[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) u[i][e] = bu[e];
+      const int64_t m = row0 + i;
+      rs_out[i] = hash::row_state(p.key_o, static_cast<uint32_t>(m));
+      const int64_t b = valid[i] ? m / p.N : 0, n = valid[i] ? m % p.N : 0;
+      trow[i] = p.target + b * p.tgt_sb + n * p.tgt_sn;
+      drow[i] = p.deep != nullptr ? p.deep + n * C : nullptr;
     }
-    add_low_rank<T, V>(u, hs, r, p.wu_t, C, c0);
-    A ds[V];
-    if (p.deep != nullptr) load_vec<T, V>(p.deep_scale + c0, ds);
+    const A s_keep = p.scale * p.inv_keep;
+    for (int g = lane; g < groups; g += 32) {
+      const int c0 = g * V;
+      // (STAGED: the target and deep vectors of all R rows are loaded first, their latency hidden
+      // behind the up projection)
+      Pack<T, V> t_raw[STAGED ? R : 1], d_raw[STAGED ? R : 1];
+      if constexpr (STAGED) {
 #pragma unroll
-    for (int i0 = 0; i0 < R; i0 += kOutRows) {
-      A t[kOutRows][V];
+        for (int i = 0; i < R; ++i) t_raw[i] = *reinterpret_cast<const Pack<T, V>*>(trow[i] + c0);
+        if (p.deep != nullptr) {
 #pragma unroll
-      for (int i = 0; i < kOutRows; ++i) load_vec<T, V>(trow[i0 + i] + c0, t[i]);  // (row 0 past M)
-#pragma unroll
-      for (int i = 0; i < kOutRows; ++i) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const bool kept = !p.dropout || hash::keep(rs_out[i0 + i], static_cast<uint32_t>(c0 + e), p.threshold);
-          u[i0 + i][e] = t[i][e] + (kept ? s_keep * u[i0 + i][e] : A(0));
+          for (int i = 0; i < R; ++i) d_raw[i] = *reinterpret_cast<const Pack<T, V>*>(drow[i] + c0);
         }
       }
-      if (p.deep != nullptr) {
-        A d[kOutRows][V];
+      A u[R][V], bu[V];
+      load_vec<T, V>(p.bu + c0, bu);
 #pragma unroll
-        for (int i = 0; i < kOutRows; ++i) load_vec<T, V>(drow[i0 + i] + c0, d[i]);
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) u[i][e] = bu[e];
+      }
+      // (staged weights: shared-memory loads, so fewer need to be in flight, which frees registers)
+      add_low_rank<STAGED ? 1 : kJLoads>(u, hs, r, wu_t, C, c0);
+      A ds[V];
+      if (p.deep != nullptr) load_vec<T, V>(p.deep_scale + c0, ds);
+#pragma unroll
+      for (int i0 = 0; i0 < R; i0 += kOutRows) {
+        A t[kOutRows][V];
+#pragma unroll
+        for (int i = 0; i < kOutRows; ++i) {
+          if constexpr (STAGED) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[i][e] = static_cast<A>(t_raw[i0 + i].v[e]);
+          } else {
+            load_vec<T, V>(trow[i0 + i] + c0, t[i]);  // (row 0 past M)
+          }
+        }
 #pragma unroll
         for (int i = 0; i < kOutRows; ++i) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) u[i0 + i][e] += ds[e] * d[i][e];
+          for (int e = 0; e < V; ++e) {
+            const bool kept = !p.dropout || hash::keep(rs_out[i0 + i], static_cast<uint32_t>(c0 + e), p.threshold);
+            u[i0 + i][e] = t[i][e] + (kept ? s_keep * u[i0 + i][e] : A(0));
+          }
+        }
+        if (p.deep != nullptr) {
+          A d[kOutRows][V];
+#pragma unroll
+          for (int i = 0; i < kOutRows; ++i) {
+            if constexpr (STAGED) {
+#pragma unroll
+              for (int e = 0; e < V; ++e) d[i][e] = static_cast<A>(d_raw[i0 + i].v[e]);
+            } else {
+              load_vec<T, V>(drow[i0 + i] + c0, d[i]);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kOutRows; ++i) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) u[i0 + i][e] += ds[e] * d[i][e];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kOutRows; ++i) {
+          if (valid[i0 + i]) store_vec<T, V>(p.out + (row0 + i0 + i) * C + c0, u[i0 + i]);
         }
       }
-#pragma unroll
-      for (int i = 0; i < kOutRows; ++i) {
-        if (valid[i0 + i]) store_vec<T, V>(p.out + (row0 + i0 + i) * C + c0, u[i0 + i]);
-      }
     }
+    // (the next group's step 2 rewrites hs, which other lanes may still be reading in step 3)
+    __syncwarp();
   }
 }
 
@@ -471,7 +540,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) bwd_rows_kernel(const BwdParam
 #pragma unroll
       for (int e = 0; e < V; ++e) gy[i][e] = 0;
     }
-    add_low_rank<T, V>(gy, gzs, r, p.wd, C, c0);
+    add_low_rank(gy, gzs, r, p.wd, C, c0);
     A ga[V];
     load_vec<T, V>(p.gamma + c0, ga);
 #pragma unroll
@@ -651,16 +720,54 @@ void set_smem(Kernel kernel, int64_t bytes) {
 
 using Dropout = DropoutParams;
 
+// SA2VP_CUDA_PROMPT_ADD_STAGED=1 selects the forward that stages the weights in shared memory
+// (fwd_kernel<..., true>) where they fit, =0 the other one. Read at every launch, so that a benchmark
+// can time both in one process.
+bool staged_forward() {
+  const char* v = std::getenv("SA2VP_CUDA_PROMPT_ADD_STAGED");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+int sm_count() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices];
+  const int device = c10::cuda::current_device();
+  int value = device < kDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
+    if (device < kDevices) cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
 template <typename T, int V>
 void launch_fwd(const FwdParams<T>& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t per_warp = static_cast<int64_t>(kRowsPerWarp) * (p.C + p.r) * sizeof(A);
+  const int64_t weights = staged_weight_bytes<T>(p.r, p.C);
+  if (staged_forward() && weights <= kMaxStagedWeights) {
+    const int64_t room = optin_shared_per_block() - weights;
+    const int warps = static_cast<int>(std::min<int64_t>(kMaxWarpsStaged, room / per_warp));
+    if (warps >= 1) {
+      const int64_t smem = weights + warps * per_warp;
+      set_smem(fwd_kernel<T, V, true>, smem);
+      int resident = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fwd_kernel<T, V, true>, warps * 32,
+                                                                   static_cast<size_t>(smem)));
+      const int64_t rows_per_block = static_cast<int64_t>(warps) * kRowsPerWarp;
+      const int64_t needed = (p.M + rows_per_block - 1) / rows_per_block;
+      const int64_t blocks = std::min<int64_t>(needed, static_cast<int64_t>(std::max(resident, 1)) * sm_count());
+      fwd_kernel<T, V, true><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   const int warps = warps_for(per_warp, "prompt_add_fwd");
   const int64_t smem = warps * per_warp;
-  set_smem(fwd_kernel<T, V>, smem);
+  set_smem(fwd_kernel<T, V, false>, smem);
   const int64_t rows_per_block = static_cast<int64_t>(warps) * kRowsPerWarp;
   const int64_t blocks = (p.M + rows_per_block - 1) / rows_per_block;
-  fwd_kernel<T, V><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(p);
+  fwd_kernel<T, V, false><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -70,7 +70,7 @@ struct dim3 {
 };
 using cudaStream_t = struct CUstream_emu*;
 enum cudaError_t { cudaSuccess = 0 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 #define __global__
@@ -85,6 +85,10 @@ namespace cuda_emu {
 
 constexpr int kStackBytes = 256 * 1024;
 constexpr int64_t kMaxDynamicSmem = 227 * 1024;  // an H100's opt-in shared memory per block
+constexpr int64_t kSmemPerSm = 228 * 1024;       // and per SM
+// Few SMs, so that kernels whose grid is sized to the resident blocks loop over their work several
+// times at test sizes.
+constexpr int kSmCount = 2;
 
 enum class Wait { kNone, kBlock, kMask, kDone };
 
@@ -560,7 +564,21 @@ inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(::cuda_emu::kMaxDynamicSmem) : 0;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(::cuda_emu::kMaxDynamicSmem); break;
+    case cudaDevAttrMultiProcessorCount: *value = ::cuda_emu::kSmCount; break;
+    default: ::cuda_emu::fail("cudaDeviceGetAttribute: attribute not emulated");
+  }
+  return cudaSuccess;
+}
+
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that fit one SM of an H100
+// (registers are not modelled).
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int threads, size_t smem) {
+  const int64_t by_smem = smem == 0 ? 32 : ::cuda_emu::kSmemPerSm / static_cast<int64_t>(smem + 1024);
+  const int64_t by_threads = 2048 / threads;
+  *blocks = static_cast<int>(std::min<int64_t>(std::min<int64_t>(by_smem, by_threads), 32));
   return cudaSuccess;
 }
 

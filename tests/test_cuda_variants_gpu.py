@@ -1,0 +1,43 @@
+"""Variants of the CUDA kernels selected by environment variables, on a GPU: each must give the same bits
+as the default kernel (same sums in the same order). The CPU emulator runs the same comparisons
+(tests/test_cuda_emulated.py); these check the compiled kernels on the hardware."""
+import pytest
+import torch
+
+import sa2vp_kernels  # noqa: F401  (registers torch.ops.sa2vp_kernels)
+from sa2vp_kernels import _ext
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _needs_cuda_kernels():
+    if not _ext.extension_available() or not _ext.has_kernel("prompt_add_fwd", "CUDA"):
+        pytest.skip("sa2vp_kernels._C was built without CUDA kernels")
+
+
+@pytest.mark.parametrize("B,N,C,r,dtype,p,deep", [
+    (64, 197, 768, 16, torch.bfloat16, 0.1, True),   # the benchmark shape: many passes of the row loop
+    (3, 50, 40, 3, torch.float32, 0.0, False),
+    (2, 33, 96, 8, torch.float16, 0.3, True),
+    (5, 7, 33, 16, torch.float64, 0.2, False),       # odd C: scalar loads
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_prompt_add_staged_forward_is_bitwise_the_default(monkeypatch, B, N, C, r, dtype, p, deep):
+    _needs_cuda_kernels()
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+    args = (rn(B, N, C), rn(B, N, C), 1 + rn(C, scale=0.1), rn(C, scale=0.1), rn(r, C, scale=C ** -0.5),
+            rn(r, scale=0.1), rn(C, r, scale=r ** -0.5), rn(C, scale=0.1),
+            rn(1, N, C) if deep else None, rn(C) if deep else None)
+    results = []
+    for staged in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_STAGED", staged)
+        results.append(torch.ops.sa2vp_kernels.prompt_add_fwd(*args, 0.7, p, 1e-6, 123))
+    torch.cuda.synchronize()
+    for a, b in zip(*results):
+        assert a.isfinite().all() and torch.equal(a, b)
