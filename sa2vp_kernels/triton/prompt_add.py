@@ -22,6 +22,11 @@ chunks of channels, the message re-read per pass (from L2).
 
 Matrix products take the inputs' dtype (bf16/fp16 on tensor cores like PyTorch's own linear layers,
 fp32 in full IEEE precision, fp64 under the interpreter) and accumulate in fp32 (fp64 for fp64).
+The long sums of the chunked kernels (over chunks of channels: LayerNorm statistics, ``z``, ``gh``,
+``c1``, ``c2``) and of ``_bwd_cols_kernel`` (over token tiles) add their per-step partials in fp64
+for fp32 inputs (``ACC64``): one fp32 chain over every step (a GPU dot with a running accumulator is
+one FMA chain over all of its K) was about ten times less accurate than PyTorch at C = 4096 on an
+H200. 16-bit inputs keep fp32 there (their rounding dominates; the chunked kernels are their fast path).
 Block sizes come from a small deterministic heuristic, no autotuning.
 """
 from __future__ import annotations
@@ -54,9 +59,13 @@ def _fmix32(x):
 @triton.jit
 def _keep(rows, cols, key, threshold):
     """Keep mask of the (rows x cols) tile of one dropout stream (see reference/prompt_add.py)."""
-    state = _fmix32(_fmix32(rows.to(tl.uint32)) ^ key.to(tl.uint32, bitcast=True))
+    # key and threshold may arrive as Python ints: torch's mutation analysis of a wrap_triton kernel
+    # (torch 2.11, Triton 3.6) binds them as constants, and a failed analysis marks every input as
+    # mutated, which broke opcheck's test_aot_dispatch_static with dropout.
+    zero = tl.zeros([], tl.int32)
+    state = _fmix32(_fmix32(rows.to(tl.uint32)) ^ (zero + key).to(tl.uint32, bitcast=True))
     u = _fmix32(state[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B9)[None, :])
-    return (u >> 1) >= threshold.to(tl.uint32)
+    return (u >> 1) >= (zero + threshold).to(tl.uint32)
 
 
 @triton.jit
@@ -71,6 +80,17 @@ def _gelu_grad(z):
 
 
 # ---- pieces shared by the whole-row and the chunked (wide) token-tile kernels -----------------------
+
+
+@triton.jit
+def _to_sum(x, ACC64: tl.constexpr):
+    """A partial sum in the dtype the steps of a long sum are added in: fp64 under ``ACC64``, else
+    unchanged (an fp32 partial converted before the add, so that the compiler cannot fold the steps of
+    ``acc += tl.dot(...)`` into one FMA chain)."""
+    if ACC64:
+        return x.to(tl.float64)
+    else:
+        return x
 
 
 @triton.jit
@@ -231,10 +251,11 @@ def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, d
 def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
                      uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
                      scale_hi, scale_lo, eps_hi, eps_lo, inv_keep_hi, inv_keep_lo, threshold, key_h, key_o,
-                     HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, ACC64: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the message read three
-    times (mean, variance and down projection) and the output written chunk by chunk."""
+    times (mean, variance and down projection) and the output written chunk by chunk. The sums over
+    chunks add in fp64 under ACC64 (module docstring)."""
     acc_ty = z_ptr.dtype.element_ty
     # float arguments arrive as float32 pairs (_scalars.py)
     scale = join_float(scale_hi, scale_lo, acc_ty)
@@ -246,25 +267,25 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
 
-    total = tl.zeros([BLOCK_M], acc_ty)
+    total = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         tile_ok = row_ok[:, None] & (cols < C)[None, :]
         x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
-        total += tl.sum(x, axis=1)
-    mean = total / C
-    total = tl.zeros([BLOCK_M], acc_ty)
+        total += _to_sum(tl.sum(x, axis=1), ACC64)
+    mean = (total / C).to(acc_ty)
+    total = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         tile_ok = row_ok[:, None] & (cols < C)[None, :]
         x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
         xc = tl.where(tile_ok, x - mean[:, None], 0.0)
-        total += tl.sum(xc * xc, axis=1)
-    rstd = 1.0 / tl.sqrt(total / C + eps)
+        total += _to_sum(tl.sum(xc * xc, axis=1), ACC64)
+    rstd = 1.0 / tl.sqrt((total / C).to(acc_ty) + eps)
     tl.store(mean_ptr + rows64, mean, mask=row_ok)
     tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
 
-    z = tl.zeros([BLOCK_M, BLOCK_R], acc_ty)
+    z = _to_sum(tl.zeros([BLOCK_M, BLOCK_R], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -274,8 +295,9 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
         beta = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
         y = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None] * gamma[None, :] + beta[None, :]
         wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        z += tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty)
-    h = _hidden(z, rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h, DROPOUT).to(dot_ty)
+        z += _to_sum(tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty), ACC64)
+    h = _hidden(z.to(acc_ty), rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h,
+                DROPOUT).to(dot_ty)
 
     t_rows = b * stride_tb + n * stride_tn
     for c0 in range(0, C, BLOCK_C):
@@ -290,10 +312,11 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
                           M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo, inv_keep_hi,
-                          inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                          inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, ACC64: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, then the LayerNorm
-    sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz)."""
+    sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz). The sums over
+    chunks add in fp64 under ACC64 (module docstring)."""
     acc_ty = z_ptr.dtype.element_ty
     # float arguments arrive as float32 pairs (_scalars.py)
     scale = join_float(scale_hi, scale_lo, acc_ty)
@@ -305,30 +328,30 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
 
-    gh = tl.zeros([BLOCK_M, BLOCK_R], acc_ty)
+    gh = _to_sum(tl.zeros([BLOCK_M, BLOCK_R], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         gu = _grad_up(grad_ptr, g_rows, rows, cols, row_ok[:, None] & col_ok[None, :], acc_ty, scale, inv_keep,
                       threshold, key_o, DROPOUT)
         wu = tl.load(uw_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        gh += tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty)
-    gz = _grad_hidden(gh, rows, rows64, rr, row_ok[:, None] & r_ok[None, :], z_ptr, gz_ptr, R, inv_keep, threshold,
-                      key_h, DROPOUT)
+        gh += _to_sum(tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty), ACC64)
+    gz = _grad_hidden(gh.to(acc_ty), rows, rows64, rr, row_ok[:, None] & r_ok[None, :], z_ptr, gz_ptr, R, inv_keep,
+                      threshold, key_h, DROPOUT)
 
     mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
-    c1 = tl.zeros([BLOCK_M], acc_ty)
-    c2 = tl.zeros([BLOCK_M], acc_ty)
+    c1 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
+    c2 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         gyg, xhat = _grad_ln_terms(gz, cols, col_ok, row_ok[:, None] & col_ok[None, :], x_rows, rr, r_ok,
                                    message_ptr, nw_ptr, dw_ptr, mean, rstd, C)
-        c1 += tl.sum(gyg, axis=1)
-        c2 += tl.sum(gyg * xhat, axis=1)
-    c1 = c1 / C
-    c2 = c2 / C
+        c1 += _to_sum(tl.sum(gyg, axis=1), ACC64)
+        c2 += _to_sum(tl.sum(gyg * xhat, axis=1), ACC64)
+    c1 = (c1 / C).to(acc_ty)
+    c2 = (c2 / C).to(acc_ty)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -342,8 +365,8 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
 def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr, M,
                      N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo,
-                     inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                     inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, ACC64: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
     # float arguments arrive as float32 pairs (_scalars.py)
     scale = join_float(scale_hi, scale_lo, acc_ty)
@@ -355,9 +378,10 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
     col_ok = cols < C
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
-    acc_w = tl.zeros((BLOCK_C, BLOCK_R), dtype=acc_ty)  # gu^T @ h
-    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_ty)  # gz^T @ xhat
-    acc_b = tl.zeros((BLOCK_C,), dtype=acc_ty)          # sum of gu
+    # Sums over the split's tokens, one BLOCK_M tile per step, the steps added in fp64 under ACC64.
+    acc_w = _to_sum(tl.zeros((BLOCK_C, BLOCK_R), dtype=acc_ty), ACC64)  # gu^T @ h
+    acc_a = _to_sum(tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_ty), ACC64)  # gz^T @ xhat
+    acc_b = _to_sum(tl.zeros((BLOCK_C,), dtype=acc_ty), ACC64)          # sum of gu
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, end, BLOCK_M):
@@ -376,18 +400,22 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
         h = tl.where(low_ok, _gelu(z), 0.0)
         if DROPOUT:
             h = tl.where(_keep(rows, rr, key_h, threshold), h * inv_keep, 0.0)
-        acc_w += tl.dot(tl.trans(gu.to(dot_ty)), h.to(dot_ty), input_precision="ieee", out_dtype=acc_ty)
-        acc_b += tl.sum(gu, axis=0)
+        acc_w += _to_sum(tl.dot(tl.trans(gu.to(dot_ty)), h.to(dot_ty), input_precision="ieee", out_dtype=acc_ty),
+                         ACC64)
+        acc_b += _to_sum(tl.sum(gu, axis=0), ACC64)
         gz = tl.load(gz_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
         x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
         mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
         xhat = tl.where(tile_ok, (x.to(acc_ty) - mean[:, None]) * rstd[:, None], 0.0)
-        acc_a += tl.dot(tl.trans(gz.to(dot_ty)), xhat.to(dot_ty), input_precision="ieee", out_dtype=acc_ty)
+        acc_a += _to_sum(tl.dot(tl.trans(gz.to(dot_ty)), xhat.to(dot_ty), input_precision="ieee",
+                                out_dtype=acc_ty), ACC64)
     base = split.to(tl.int64) * C * R
-    tl.store(part_w_ptr + base + cols[:, None] * R + rr[None, :], acc_w, mask=col_ok[:, None] & r_ok[None, :])
-    tl.store(part_a_ptr + base + rr[:, None] * C + cols[None, :], acc_a, mask=r_ok[:, None] & col_ok[None, :])
-    tl.store(part_b_ptr + split.to(tl.int64) * C + cols, acc_b, mask=col_ok)
+    tl.store(part_w_ptr + base + cols[:, None] * R + rr[None, :], acc_w.to(acc_ty),
+             mask=col_ok[:, None] & r_ok[None, :])
+    tl.store(part_a_ptr + base + rr[:, None] * C + cols[None, :], acc_a.to(acc_ty),
+             mask=r_ok[:, None] & col_ok[None, :])
+    tl.store(part_b_ptr + split.to(tl.int64) * C + cols, acc_b.to(acc_ty), mask=col_ok)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -472,7 +500,7 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
 # 224 registers per thread (one 8-warp program per SM), a 256-channel chunk with 8 warps 80 (the forward) and 104 (the
 # backward rows). Each compiles for sm_90 without spills (python -m sa2vp_kernels.triton.aot compiles them all,
 # tests/test_triton_aot.py).
-TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 4, 256), (16, 2, 128))
+TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 8, 256), (16, 2, 128))
 
 
 def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
@@ -496,6 +524,12 @@ def _cols_blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
     if dtype.itemsize < 4:
         return min(64, max(16, triton.next_power_of_2(C))), 64, 4
     return min(32, max(16, triton.next_power_of_2(C))), 16, 4
+
+
+def _acc64(dtype: torch.dtype) -> bool:
+    """ACC64 of the kernels with long sums over chunks or token tiles: partials added in fp64 for fp32
+    (and fp64) inputs; 16-bit inputs keep fp32 (module docstring)."""
+    return dtype.itemsize >= 4
 
 
 def _dropout_args(dropout_p: float, seed: int):
@@ -531,7 +565,8 @@ def prompt_add_fwd(target: torch.Tensor, message: torch.Tensor, norm_weight: tor
         deep if has_deep else message, deep_scale if has_deep else norm_weight, M, N, C, r,
         target.stride(0), target.stride(1), message.stride(0), message.stride(1),
         *split_float(scale), *split_float(eps), *split_float(inv_keep), threshold, key_h, key_o, HAS_DEEP=has_deep,
-        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
+        **({"ACC64": _acc64(message.dtype)} if wide else {}))  # (whole rows: one dot, no sums over chunks)
     return out, mean, rstd, z
 
 
@@ -555,7 +590,8 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
         grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
         *split_float(inv_keep), threshold,
-        key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+        key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
+        **({"ACC64": _acc64(message.dtype)} if wide else {}))
 
     # Weight gradients: channel tiles x token splits, partials added in split order.
     cols_block, rows_block, cols_warps = _cols_blocks(C, message.dtype)
@@ -569,7 +605,8 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
         grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, M, N, C, r, rows_per_split,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
         *split_float(inv_keep), threshold,
-        key_h, key_o, DROPOUT=dropout, BLOCK_M=rows_block, BLOCK_C=cols_block, BLOCK_R=block_r, num_warps=cols_warps)
+        key_h, key_o, DROPOUT=dropout, ACC64=_acc64(message.dtype), BLOCK_M=rows_block, BLOCK_C=cols_block,
+        BLOCK_R=block_r, num_warps=cols_warps)
     grad_up_weight = part_w.sum(0)
     grad_up_bias = part_b.sum(0)
     a = part_a.sum(0)

@@ -12,7 +12,12 @@ of ``embed`` (on ``embed_h x embed_w``) bilinearly to the token grid ``grid_h x 
   3. per source row of ``embed``: ``d_embed`` gathers ``d_res`` over the outputs its taps reach (the
      adjoint of the resampling); prefix rows copy ``d_res``.
 
-Accumulation is float32 (float64 for float64 inputs).
+Accumulation is float32 (float64 for float64 inputs). The two long sums, ``d_res`` over the ``C``
+channels and ``d_weight`` / ``d_bias`` over the ``N`` tokens, add their per-step partials (a dot over
+``BLOCK_C`` channels, a sum over ``BLOCK_N`` tokens) in float64 for float32 inputs (``ACC64``): one
+float32 chain over every step (a GPU dot with a running accumulator is one FMA chain over all of its
+K) was several times less accurate than PyTorch's blocked sums (768 channels, 3136 tokens on an
+H200). 16-bit inputs keep float32 (their rounding dominates).
 """
 from __future__ import annotations
 
@@ -32,6 +37,17 @@ def _to_acc(x, FP64: tl.constexpr):
         return x.to(tl.float64)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def _to_sum(x, ACC64: tl.constexpr):
+    """A partial sum in the dtype its steps are added in: float64 under ``ACC64``, else unchanged (a
+    float32 partial converted before the add, so that the compiler cannot fold the steps into one FMA
+    chain)."""
+    if ACC64:
+        return x.to(tl.float64)
+    else:
+        return x
 
 
 @triton.jit
@@ -117,7 +133,8 @@ def _prompt_map_fwd_kernel(embed_ptr, weight_ptr, bias_ptr, pos_ptr, out_ptr,
 @triton.jit
 def _bwd_rows_kernel(grad_ptr, embed_ptr, weight_ptr, res_ptr, d_res_ptr,
                      N, R, C, T, GH, GW, EH, EW,
-                     FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     FP64: tl.constexpr, ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
@@ -126,7 +143,7 @@ def _bwd_rows_kernel(grad_ptr, embed_ptr, weight_ptr, res_ptr, d_res_ptr,
     nr_mask = mask_n[:, None] & mask_r[None, :]
     rows = _resampled_rows(embed_ptr, offs_n, mask_n, offs_r, R, T, GH, GW, EH, EW, FP64)
     tl.store(res_ptr + nr, rows, mask=nr_mask)
-    d = rows * 0.0
+    d = _to_sum(rows * 0.0, ACC64)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -139,21 +156,23 @@ def _bwd_rows_kernel(grad_ptr, embed_ptr, weight_ptr, res_ptr, d_res_ptr,
         else:
             # An explicit dot: Triton 3.6 rewrites a broadcast-and-sum of this shape into a dot in
             # TF32 (about 1e-3 relative error in float32). Here 16-bit operands stay 16-bit (exact
-            # products, float32 sums) and float32 ones use full-precision FMAs.
-            d += tl.dot(g, w, input_precision="ieee", out_dtype=tl.float32)
-    tl.store(d_res_ptr + nr, d, mask=nr_mask)
+            # products, float32 sums) and float32 ones use full-precision FMAs. One dot per block of
+            # channels, the blocks added in float64 for float32 inputs (see the module docstring).
+            d += _to_sum(tl.dot(g, w, input_precision="ieee", out_dtype=tl.float32), ACC64)
+    tl.store(d_res_ptr + nr, d.to(d_res_ptr.dtype.element_ty), mask=nr_mask)
 
 
 @triton.jit
 def _bwd_weight_kernel(grad_ptr, res_ptr, d_weight_ptr, d_bias_ptr, N, R, C,
-                       FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       FP64: tl.constexpr, ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
-    acc_w = _to_acc(tl.zeros([BLOCK_C, BLOCK_R], tl.float32), FP64)
-    acc_b = _to_acc(tl.zeros([BLOCK_C], tl.float32), FP64)
+    # Sums of BLOCK_N tokens per step, the steps added in float64 for float32 inputs (module docstring).
+    acc_w = _to_acc(tl.zeros([BLOCK_C, BLOCK_R], tl.float32), ACC64)
+    acc_b = _to_acc(tl.zeros([BLOCK_C], tl.float32), ACC64)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -162,8 +181,8 @@ def _bwd_weight_kernel(grad_ptr, res_ptr, d_weight_ptr, d_bias_ptr, N, R, C,
         g = _to_acc(g, FP64)
         res = tl.load(res_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
                       other=0.0)
-        acc_w += tl.sum(g[:, :, None] * res[:, None, :], axis=0)
-        acc_b += tl.sum(g, axis=0)
+        acc_w += _to_sum(tl.sum(g[:, :, None] * res[:, None, :], axis=0), ACC64)
+        acc_b += _to_sum(tl.sum(g, axis=0), ACC64)
     w_ptrs = d_weight_ptr + offs_c[:, None] * R + offs_r[None, :]
     tl.store(w_ptrs, acc_w.to(d_weight_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_r[None, :])
     tl.store(d_bias_ptr + offs_c, acc_b.to(d_bias_ptr.dtype.element_ty), mask=mask_c)
@@ -273,6 +292,7 @@ def prompt_map_bwd(grad_out: torch.Tensor, embed: torch.Tensor, weight: torch.Te
     C, R = weight.shape
     N = num_prefix + grid_h * grid_w
     fp64 = embed.dtype == torch.float64
+    acc64 = embed.dtype.itemsize >= 4  # float32 (and float64) inputs add their partial sums in float64
     acc_dtype = torch.float64 if fp64 else torch.float32
     res = torch.empty((N, R), device=embed.device, dtype=acc_dtype)
     d_res = torch.empty((N, R), device=embed.device, dtype=acc_dtype)
@@ -287,13 +307,14 @@ def prompt_map_bwd(grad_out: torch.Tensor, embed: torch.Tensor, weight: torch.Te
     _launch(
         _bwd_rows_kernel, (triton.cdiv(N, _BLOCK_N),),
         grad_out, embed, weight, res, d_res, N, R, C, num_prefix, grid_h, grid_w, embed_h, embed_w,
-        FP64=fp64, BLOCK_N=_BLOCK_N, BLOCK_R=rows_block_r, BLOCK_C=rows_block_c,
+        FP64=fp64, ACC64=acc64, BLOCK_N=_BLOCK_N, BLOCK_R=rows_block_r, BLOCK_C=rows_block_c,
     )
     block_c = min(32, triton.next_power_of_2(C))
     block_n = max(1, min(16, _pow2_at_most(_TILE // (block_c * block_r))))
     _launch(
         _bwd_weight_kernel, (triton.cdiv(C, block_c),),
-        grad_out, res, d_weight, d_bias, N, R, C, FP64=fp64, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=block_c,
+        grad_out, res, d_weight, d_bias, N, R, C, FP64=fp64, ACC64=acc64, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_C=block_c,
     )
     J = embed.shape[0]
     span_x = _span(embed_w, grid_w)
