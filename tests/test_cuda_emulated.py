@@ -191,6 +191,30 @@ def test_local_attention_prefetching_kernels_are_bitwise_the_default(emu, monkey
         assert torch.equal(a, b)
 
 
+# The tiled forward (SA2VP_CUDA_ATTN_TILED=1): the same sums in the same order as the default kernel,
+# with the keys and values read from the tile's halo in shared memory. Every case of ATTN with rows
+# that fit one slab (the slab case keeps the default kernel: same launch, which the test checks too),
+# windows 1 to 9, grids smaller than a tile and larger (17 x 16: several tiles per row and column).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", ATTN, ids=_attn_id)
+def test_local_attention_tiled_forward_is_bitwise_the_default(emu, monkeypatch, case, dtype):
+    B, H, (gh, gw), P, D, w, zb = case
+    q, k, v, _ = (t.to(dtype) for t in _attn_inputs(case, dtype))
+    results, launches = [], []
+    for tiled in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_ATTN_TILED", tiled)
+        before = emu.stats().tolist()
+        results.append(emu.local_attn_fwd(q, k, v, gh, gw, w, P, zb, D ** -0.5))
+        after = emu.stats().tolist()
+        launches.append((after[1] - before[1], after[3] - before[3]))  # (blocks, block barriers)
+    vec = 16 // dtype.itemsize
+    single = -(-D // vec) <= 32 * (4 if dtype.itemsize == 2 else 8)
+    # the tiled kernel ran where the rows fit one slab: one barrier per tile block at least
+    assert (launches[0] != launches[1]) == single, launches
+    for a, b in zip(*results):
+        assert not a.isnan().any() and torch.equal(a, b)
+
+
 def test_local_attention_strided_inputs(emu):
     # q, k, v as views of one fused (B, N, 3, heads, D) projection, transposed to (B, heads, N, D)
     B, H, gh, gw, P, D = 2, 3, 4, 5, 1, 16
@@ -440,11 +464,13 @@ def test_prompt_map_gradcheck(emu, grid, embed_grid, num_prefix):
 # ---- thread order -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["local_attn", "local_attn_prefetch", "prompt_add", "prompt_add_staged", "prompt_map"])
+@pytest.mark.parametrize("op", ["local_attn", "local_attn_prefetch", "local_attn_tiled", "prompt_add", "prompt_add_staged",
+                                "prompt_map"])
 def test_results_do_not_depend_on_thread_order(emu, monkeypatch, op):
     """Threads resumed in reverse order between barriers give the same bits: no kernel reads what
     another thread writes without a barrier in between (in the emulator's model)."""
     monkeypatch.setenv("SA2VP_CUDA_ATTN_PREFETCH", "1" if op == "local_attn_prefetch" else "0")
+    monkeypatch.setenv("SA2VP_CUDA_ATTN_TILED", "1" if op == "local_attn_tiled" else "0")
     monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_STAGED", "1" if op == "prompt_add_staged" else "0")
 
     def run():

@@ -1,4 +1,5 @@
-"""Variants of the CUDA kernels selected by environment variables, on a GPU: each must give the same bits
+"""Variants of the CUDA kernels selected by environment variables (SA2VP_CUDA_PROMPT_ADD_STAGED,
+SA2VP_CUDA_ATTN_TILED), on a GPU: each must give the same bits
 as the default kernel (same sums in the same order). The CPU emulator runs the same comparisons
 (tests/test_cuda_emulated.py); these check the compiled kernels on the hardware."""
 import pytest
@@ -38,6 +39,26 @@ def test_prompt_add_staged_forward_is_bitwise_the_default(monkeypatch, B, N, C, 
     for staged in ("0", "1"):
         monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_STAGED", staged)
         results.append(torch.ops.sa2vp_kernels.prompt_add_fwd(*args, 0.7, p, 1e-6, 123))
+    torch.cuda.synchronize()
+    for a, b in zip(*results):
+        assert a.isfinite().all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,H,grid,P,D,window,zero,dtype", [
+    (64, 1, (14, 14), 1, 768, 3, False, torch.bfloat16),   # the benchmark shapes
+    (64, 12, (14, 14), 1, 64, 3, True, torch.bfloat16),
+    (2, 3, (17, 16), 2, 40, 5, False, torch.float32),       # several tiles per grid row and column
+    (1, 2, (2, 3), 0, 24, 9, True, torch.float16),          # a window larger than the grid
+    (2, 1, (5, 7), 3, 17, 7, False, torch.float64),         # head dim padded to the vector width
+], ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+def test_local_attention_tiled_forward_is_bitwise_the_default(monkeypatch, B, H, grid, P, D, window, zero, dtype):
+    _needs_cuda_kernels()
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(B, H, P + grid[0] * grid[1], D, generator=g, device="cuda").to(dtype) for _ in range(3))
+    results = []
+    for tiled in ("0", "1"):
+        monkeypatch.setenv("SA2VP_CUDA_ATTN_TILED", tiled)
+        results.append(torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, grid[0], grid[1], window, P, zero, D ** -0.5))
     torch.cuda.synchronize()
     for a, b in zip(*results):
         assert a.isfinite().all() and torch.equal(a, b)

@@ -29,11 +29,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -457,6 +459,9 @@ struct FwdParams {
   bool zero_border;
   int prefix_blocks;     // B * H * P: the first blocks of the launch
   int64_t grid_queries;  // B * H * gh * gw
+  // Tiled forward only (local_attn_fwd_tiled_kernel): tiles of tile_h x tile_w grid queries,
+  // tiles_x per grid row, tiles_per_image per (batch, head); halo_keys: keys of the largest halo.
+  int tile_h, tile_w, tiles_x, tiles_per_image, halo_keys;
 };
 
 template <class T, int VPL, bool SINGLE, bool PF>
@@ -623,6 +628,77 @@ __global__ void __launch_bounds__(kThreads) local_attn_fwd_kernel(const FwdParam
   } else {
     fwd_grid_query<T, VPL, SINGLE, PF>(p, g);
   }
+}
+
+// The forward with the keys and values of a tile of grid queries staged in shared memory
+// (SA2VP_CUDA_ATTN_TILED=1, single-slab rows): a block owns tile_h x tile_w grid queries of one
+// (batch, head), one group each; it first copies the k and v rows of the tile's halo (the union of its
+// queries' windows, clipped to the grid) into shared memory with all its threads, then every group runs
+// the default kernel's loop with its key and value rows read from there. Each k / v row is then read
+// from L2 once per tile instead of once per query that sees it (9 times for a 3 x 3 window). The sums
+// are those of local_attn_fwd_kernel, in the same order: the results are bitwise equal.
+template <class T, int VPL>
+__global__ void __launch_bounds__(kThreads) local_attn_fwd_tiled_kernel(const FwdParams<T> p) {
+  using A = typename Traits<T>::acc;
+  constexpr int N = Traits<T>::vec;
+  __shared__ A smem[smem_size<VPL, N>()];
+  extern __shared__ __align__(16) unsigned char halo_raw[];
+  const Group g = make_group(p.geo.log2g);
+  if (static_cast<int>(blockIdx.x) < p.prefix_blocks) {
+    fwd_prefix_query<T, VPL, true>(p, g, smem);
+    return;
+  }
+  const Geometry& geo = p.geo;
+  const int tile = static_cast<int>(blockIdx.x) - p.prefix_blocks;
+  const int bh = tile / p.tiles_per_image;
+  const int t = tile - bh * p.tiles_per_image;
+  const int ty = t / p.tiles_x;
+  const int y0 = ty * p.tile_h, x0 = (t - ty * p.tiles_x) * p.tile_w;
+  const int hy0 = max(y0 - geo.radius, 0), hy1 = min(y0 + p.tile_h - 1 + geo.radius, geo.gh - 1);
+  const int hx0 = max(x0 - geo.radius, 0), hx1 = min(x0 + p.tile_w - 1 + geo.radius, geo.gw - 1);
+  const int hw = hx1 - hx0 + 1;
+  const int halo = (hy1 - hy0 + 1) * hw;
+  const int b = bh / geo.H;
+  const int h = bh - b * geo.H;
+  T* ks = reinterpret_cast<T*>(halo_raw);
+  T* vs = ks + static_cast<int64_t>(p.halo_keys) * geo.row_len;
+  for (int idx = static_cast<int>(threadIdx.x); idx < halo * geo.nv; idx += kThreads) {
+    const int key = idx / geo.nv;
+    const int vi = idx - key * geo.nv;
+    const int yy = hy0 + key / hw;
+    const int nk = geo.P + yy * geo.gw + hx0 + (key - (yy - hy0) * hw);
+    const int64_t o = static_cast<int64_t>(key) * geo.row_len + static_cast<int64_t>(vi) * N;
+    *reinterpret_cast<Pack<T, N>*>(ks + o) = load_pack<T, N>(p.k.row(b, h, nk) + static_cast<int64_t>(vi) * N);
+    *reinterpret_cast<Pack<T, N>*>(vs + o) = load_pack<T, N>(p.v.row(b, h, nk) + static_cast<int64_t>(vi) * N);
+  }
+  __syncthreads();
+
+  const int gi = static_cast<int>(threadIdx.x) >> geo.log2g;
+  const int cy = y0 + gi / p.tile_w, cx = x0 + gi % p.tile_w;
+  if (cy >= geo.gh || cx >= geo.gw) return;
+  const int cell = cy * geo.gw + cx;
+  const int n = geo.P + cell;
+  const Window win(geo, cell);
+  const A outside = p.zero_border ? p.window_area - static_cast<A>(win.count()) : A(0);
+  T* orow = p.out + (static_cast<int64_t>(bh) * geo.N + n) * geo.row_len;
+  A m = outside > A(0) ? A(0) : neg_inf<A>();
+  A l = outside;
+  A acc[VPL][N];
+  zero_frag(acc);
+  A qf[VPL][N];
+  load_row_acc(qf, p.q.row(b, h, n), 0, geo.nv, g);
+  for (int yy = win.y0; yy <= win.y1; ++yy) {
+    for (int xx = win.x0; xx <= win.x1; ++xx) {
+      const int64_t o = static_cast<int64_t>((yy - hy0) * hw + (xx - hx0)) * geo.row_len;
+      Pack<T, N> kr[VPL], vr[VPL];
+      load_row(kr, ks + o, 0, geo.nv, g);
+      load_row(vr, vs + o, 0, geo.nv, g);
+      const A s = group_sum(dot_frag(qf, kr), g) * p.scale;
+      online_softmax_step(m, l, acc, s, vr);
+    }
+  }
+  store_row(orow, acc, A(1) / l, 0, geo.nv, g);
+  if (g.lane == 0) p.lse[static_cast<int64_t>(bh) * geo.N + n] = m + flog(l);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1074,6 +1150,51 @@ bool prefetch_rows() {
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
+// SA2VP_CUDA_ATTN_TILED=1 selects the tiled forward (local_attn_fwd_tiled_kernel) for single-slab
+// rows whose tile halo fits in shared memory. Read at every launch, like SA2VP_CUDA_ATTN_PREFETCH.
+bool tiled_forward() {
+  const char* v = std::getenv("SA2VP_CUDA_ATTN_TILED");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// The current device's opt-in shared memory per block (queried once per device).
+int64_t optin_shared_per_block() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices];
+  const int device = c10::cuda::current_device();
+  int value = device < kDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (device < kDevices) cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+// Tiles of the tiled forward: (kThreads >> log2g) grid queries per block as tile_h x tile_w, the shape
+// (widths 1, 2, 4, ...) that copies the fewest halo keys per image; ties: the fewest idle groups.
+struct TilePlan {
+  int h = 0, w = 0, tiles_x = 0, tiles_y = 0, halo_keys = 0;
+};
+
+TilePlan make_tile_plan(const Geometry& geo) {
+  const int q = kThreads >> geo.log2g;
+  TilePlan best;
+  int64_t best_cost = -1, best_idle = 0;
+  for (int w = 1; w <= q; w <<= 1) {
+    const int h = q / w;
+    const int tx = (geo.gw + w - 1) / w, ty = (geo.gh + h - 1) / h;
+    const int halo = std::min(h + 2 * geo.radius, geo.gh) * std::min(w + 2 * geo.radius, geo.gw);
+    const int64_t cost = static_cast<int64_t>(tx) * ty * halo;
+    const int64_t idle = static_cast<int64_t>(tx) * ty * q - static_cast<int64_t>(geo.gh) * geo.gw;
+    if (best_cost < 0 || cost < best_cost || (cost == best_cost && idle < best_idle)) {
+      best = TilePlan{h, w, tx, ty, halo};
+      best_cost = cost;
+      best_idle = idle;
+    }
+  }
+  return best;
+}
+
 int launch_blocks(int64_t items, int log2g) {
   const int64_t per_block = kThreads >> log2g;
   const int64_t blocks = (items + per_block - 1) / per_block;
@@ -1127,7 +1248,34 @@ std::tuple<at::Tensor, at::Tensor> local_attn_fwd_cuda(const at::Tensor& q_in, c
     const int64_t blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
     TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    with_plan<T>(plan, prefetch_rows(), [&](auto vpl, auto single, auto pf) {
+    const bool tiled = tiled_forward() && plan.single();
+    with_plan<T>(plan, prefetch_rows() && !tiled, [&](auto vpl, auto single, auto pf) {
+      if constexpr (decltype(single)::value && !decltype(pf)::value) {
+        if (tiled) {
+          constexpr int kVpl = decltype(vpl)::value;
+          const TilePlan tp = make_tile_plan(p.geo);
+          const int64_t smem = 2 * static_cast<int64_t>(tp.halo_keys) * row_len * static_cast<int64_t>(sizeof(T));
+          const int64_t static_smem = smem_size<kVpl, vec>() * static_cast<int64_t>(sizeof(A));
+          const int64_t tile_blocks = B * H * static_cast<int64_t>(tp.tiles_x) * tp.tiles_y;
+          if (smem + static_smem <= optin_shared_per_block() &&
+              prefix_blocks + tile_blocks <= std::numeric_limits<int>::max()) {
+            p.tile_h = tp.h;
+            p.tile_w = tp.w;
+            p.tiles_x = tp.tiles_x;
+            p.tiles_per_image = tp.tiles_x * tp.tiles_y;
+            p.halo_keys = tp.halo_keys;
+            if (smem > 48 * 1024) {
+              C10_CUDA_CHECK(cudaFuncSetAttribute(local_attn_fwd_tiled_kernel<T, kVpl>,
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  static_cast<int>(smem)));
+            }
+            local_attn_fwd_tiled_kernel<T, kVpl>
+                <<<static_cast<unsigned>(prefix_blocks + tile_blocks), kThreads, smem, stream>>>(p);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+        }
+      }
       local_attn_fwd_kernel<T, decltype(vpl)::value, decltype(single)::value, decltype(pf)::value>
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
