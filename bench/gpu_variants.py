@@ -30,8 +30,8 @@ ATTENTION = [
     ("triton", "triton", {}),
 ]
 PROMPT_ADD = [
-    ("cuda default", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}),
-    ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}),
+    ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}),
+    ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}),  # the default
     ("triton", "triton", {}),
 ]
 

@@ -11,9 +11,9 @@ neighbourhood mask, FlexAttention with a block mask, NATTEN); prompt_add (fwd, f
 reference, the unfused nn composition, eager and compiled); prompt_map; the kernels of one fwd+bwd
 call per fused op (torch.profiler, "profile"); CUDA-graph timings of the fast measurements ("graphs");
 kernel variants around the defaults ("tune": CUDA attention with and without prefetching, CUDA
-prompt_add forward with and without staged weights, Triton launch configurations); the SA2VP ViT-B/16 training step and inference at 224 (auto backend against
-backend="reference") and the Swin-B one; N scaling 197 -> 785 -> 4097 with peak memory; windows 3/5/7;
-last, the model at 448.
+prompt_add forward with and without staged weights, Triton launch configurations); the SA2VP ViT-B/16
+training step and inference at 224 (auto backend against backend="reference") and the Swin-B one; N
+scaling 197 -> 785 -> 4097 with peak memory; windows 3/5/7; last, the model at 448.
 
 Each section gets a share of the time left when it starts and skips its remaining items once over
 it; the results file is rewritten after every measurement, so a run cut short still leaves data.
@@ -644,7 +644,7 @@ def section_tune(run: Run) -> None:
         B, N, C, r = run.plan.prompt_add[0]
         pcase = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
         try:
-            for flag, label in (("0", "cuda default"), ("1", "cuda staged")):
+            for flag, label in (("0", "cuda not staged"), ("1", "cuda staged (default)")):
                 if run.over():
                     run.skip("tune", f"prompt_add {pcase.label} {label}", "over the section's time budget")
                     continue

@@ -346,10 +346,11 @@ def test_prompt_add_matches_cpu(emu, case, dtype):
     _check(got, want, dtype, f"prompt_add {_pa_id(case)}")
 
 
-# The forward with the weights staged in shared memory (SA2VP_CUDA_PROMPT_ADD_STAGED=1): same sums in
-# the same order as the default kernel. Cases: ViT-B in 16 bits (two blocks, each looping twice over its
-# groups of rows with the emulator's two SMs), odd C (scalar loads), an odd storage offset, and 800 rows
-# of C = 40 (vector loads, several passes of the row loop).
+# The forward with the weights staged in shared memory (the default where they fit;
+# SA2VP_CUDA_PROMPT_ADD_STAGED=0: the other one): same sums in the same order as the other forward. Cases:
+# ViT-B in 16 bits (two blocks, each looping twice over its groups of rows with the emulator's two SMs),
+# odd C (scalar loads), an odd storage offset, and 800 rows of C = 40 (vector loads, several passes of the
+# row loop).
 STAGED_CASES = [PROMPT_ADD[6], PROMPT_ADD[3], PROMPT_ADD[11], (4, 200, 40, 3, 0.2, True, "contiguous")]
 
 
