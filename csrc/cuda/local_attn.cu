@@ -1153,7 +1153,7 @@ bool prefetch_rows() {
 }
 
 // SA2VP_CUDA_ATTN_TILED=1 selects the tiled forward (local_attn_fwd_tiled_kernel) for single-slab
-// rows whose tile halo fits in shared memory. Read at every launch, like SA2VP_CUDA_ATTN_PREFETCH. Off
+// rows of at most 4 vectors per lane whose tile halo fits in shared memory. Read at every launch, like SA2VP_CUDA_ATTN_PREFETCH. Off
 // by default: on an H200 (bench/gpu_variants.py, B=64, 14x14 + CLS, bf16, CUDA-graph medians) it took
 // 0.0999 ms (1 x 768) and 0.1164 ms (12 x 64) against 0.0701 and 0.0952 ms for the default forward,
 // whose loads already hit L1 for 46 % and 60 % of their sectors (Nsight Compute); a block's copy of its
@@ -1256,7 +1256,9 @@ std::tuple<at::Tensor, at::Tensor> local_attn_fwd_cuda(const at::Tensor& q_in, c
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const bool tiled = tiled_forward() && plan.single();
     with_plan<T>(plan, prefetch_rows() && !tiled, [&](auto vpl, auto single, auto pf) {
-      if constexpr (decltype(single)::value && !decltype(pf)::value) {
+      // (not for 8 vectors per lane: the float32 / float64 kernels spill there, and the variant is
+      // off by default anyway)
+      if constexpr (decltype(single)::value && !decltype(pf)::value && decltype(vpl)::value <= 4) {
         if (tiled) {
           constexpr int kVpl = decltype(vpl)::value;
           const TilePlan tp = make_tile_plan(p.geo);
