@@ -35,7 +35,9 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 
 Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
-Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+// (sym_stride: under torch.compile with dynamic shapes, stride() would turn every symbolic stride into
+// a fixed number, e.g. stride(0) = N * C, and each new token count would recompile)
+Tensor last_dim_contiguous(const Tensor& t) { return t.sym_stride(-1) == 1 ? t : t.contiguous(); }
 
 // ---- local cross attention ------------------------------------------------------------------------
 
