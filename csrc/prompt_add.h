@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "checks.h"
+
 #ifdef __CUDACC__
 #define SA2VP_HD __host__ __device__ __forceinline__
 #else
@@ -82,28 +84,28 @@ inline int64_t check_prompt_add_fwd_args(const at::Tensor& target, const at::Ten
                                          const c10::optional<at::Tensor>& deep,
                                          const c10::optional<at::Tensor>& deep_scale, double dropout_p,
                                          double eps, int64_t seed) {
-  TORCH_CHECK(message.dim() == 3, "message must be a 3-D (B, N, C) tensor, got ", message.dim(), "-D");
-  TORCH_CHECK(target.sizes() == message.sizes(), "target and message must have the same shape, got ",
+  SA2VP_CHECK(message.dim() == 3, "message must be a 3-D (B, N, C) tensor, got ", message.dim(), "-D");
+  SA2VP_CHECK(target.sizes() == message.sizes(), "target and message must have the same shape, got ",
               target.sizes(), " and ", message.sizes());
   const int64_t C = message.size(2);
-  TORCH_CHECK(message.numel() > 0, "message must be non-empty, got shape ", message.sizes());
-  TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == C && down_weight.size(0) >= 1,
+  SA2VP_CHECK(message.numel() > 0, "message must be non-empty, got shape ", message.sizes());
+  SA2VP_CHECK(down_weight.dim() == 2 && down_weight.size(1) == C && down_weight.size(0) >= 1,
               "down_weight must be (r, C) with C = ", C, ", got ", down_weight.sizes());
   const int64_t r = down_weight.size(0);
-  TORCH_CHECK(up_weight.dim() == 2 && up_weight.size(0) == C && up_weight.size(1) == r,
+  SA2VP_CHECK(up_weight.dim() == 2 && up_weight.size(0) == C && up_weight.size(1) == r,
               "up_weight must be (C, r) = (", C, ", ", r, "), got ", up_weight.sizes());
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == C, "norm_weight must be (C,), got ",
+  SA2VP_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == C, "norm_weight must be (C,), got ",
               norm_weight.sizes());
-  TORCH_CHECK(norm_bias.dim() == 1 && norm_bias.size(0) == C, "norm_bias must be (C,), got ", norm_bias.sizes());
-  TORCH_CHECK(down_bias.dim() == 1 && down_bias.size(0) == r, "down_bias must be (r,), got ", down_bias.sizes());
-  TORCH_CHECK(up_bias.dim() == 1 && up_bias.size(0) == C, "up_bias must be (C,), got ", up_bias.sizes());
-  TORCH_CHECK(deep.has_value() == deep_scale.has_value(), "deep and deep_scale must be given together");
+  SA2VP_CHECK(norm_bias.dim() == 1 && norm_bias.size(0) == C, "norm_bias must be (C,), got ", norm_bias.sizes());
+  SA2VP_CHECK(down_bias.dim() == 1 && down_bias.size(0) == r, "down_bias must be (r,), got ", down_bias.sizes());
+  SA2VP_CHECK(up_bias.dim() == 1 && up_bias.size(0) == C, "up_bias must be (C,), got ", up_bias.sizes());
+  SA2VP_CHECK(deep.has_value() == deep_scale.has_value(), "deep and deep_scale must be given together");
   const auto dtype = message.scalar_type();
   const auto device = message.device();
   auto same = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have the dtype of message (", dtype, "), got ",
+    SA2VP_CHECK(t.scalar_type() == dtype, name, " must have the dtype of message (", dtype, "), got ",
                 t.scalar_type());
-    TORCH_CHECK(t.device() == device, name, " must be on the device of message (", device, "), got ", t.device());
+    SA2VP_CHECK(t.device() == device, name, " must be on the device of message (", device, "), got ", t.device());
   };
   same(target, "target");
   same(norm_weight, "norm_weight");
@@ -113,17 +115,17 @@ inline int64_t check_prompt_add_fwd_args(const at::Tensor& target, const at::Ten
   same(up_weight, "up_weight");
   same(up_bias, "up_bias");
   if (deep.has_value()) {
-    TORCH_CHECK(deep->dim() == 3 && deep->size(0) == 1 && deep->size(1) == message.size(1) && deep->size(2) == C,
+    SA2VP_CHECK(deep->dim() == 3 && deep->size(0) == 1 && deep->size(1) == message.size(1) && deep->size(2) == C,
                 "deep must be (1, N, C) = (1, ", message.size(1), ", ", C, "), got ", deep->sizes());
-    TORCH_CHECK(deep_scale->dim() == 1 && deep_scale->size(0) == C, "deep_scale must be (C,), got ",
+    SA2VP_CHECK(deep_scale->dim() == 1 && deep_scale->size(0) == C, "deep_scale must be (C,), got ",
                 deep_scale->sizes());
     same(*deep, "deep");
     same(*deep_scale, "deep_scale");
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK(seed >= 0, "seed must be in [0, 2**63), got ", seed);
-  TORCH_CHECK(message.size(0) * message.size(1) < (int64_t(1) << 31), "at most 2**31 - 1 tokens are supported");
+  SA2VP_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  SA2VP_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  SA2VP_CHECK(seed >= 0, "seed must be in [0, 2**63), got ", seed);
+  SA2VP_CHECK(message.size(0) * message.size(1) < (int64_t(1) << 31), "at most 2**31 - 1 tokens are supported");
   return r;
 }
 
@@ -132,28 +134,28 @@ inline void check_prompt_add_bwd_args(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                                       const at::Tensor& down_weight, const at::Tensor& up_weight,
                                       double dropout_p, int64_t seed) {
-  TORCH_CHECK(message.dim() == 3 && message.numel() > 0, "message must be a non-empty 3-D tensor");
-  TORCH_CHECK(grad_out.sizes() == message.sizes(), "grad_out must have the shape of message ", message.sizes(),
+  SA2VP_CHECK(message.dim() == 3 && message.numel() > 0, "message must be a non-empty 3-D tensor");
+  SA2VP_CHECK(grad_out.sizes() == message.sizes(), "grad_out must have the shape of message ", message.sizes(),
               ", got ", grad_out.sizes());
   const int64_t M = message.size(0) * message.size(1);
   const int64_t C = message.size(2);
-  TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == C, "down_weight must be (r, C)");
+  SA2VP_CHECK(down_weight.dim() == 2 && down_weight.size(1) == C, "down_weight must be (r, C)");
   const int64_t r = down_weight.size(0);
-  TORCH_CHECK(up_weight.dim() == 2 && up_weight.size(0) == C && up_weight.size(1) == r, "up_weight must be (C, r)");
-  TORCH_CHECK(norm_weight.numel() == C && norm_bias.numel() == C, "norm_weight and norm_bias must be (C,)");
+  SA2VP_CHECK(up_weight.dim() == 2 && up_weight.size(0) == C && up_weight.size(1) == r, "up_weight must be (C, r)");
+  SA2VP_CHECK(norm_weight.numel() == C && norm_bias.numel() == C, "norm_weight and norm_bias must be (C,)");
   const auto stat = message.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && z.dim() == 2 && z.size(0) == M && z.size(1) == r,
+  SA2VP_CHECK(mean.numel() == M && rstd.numel() == M && z.dim() == 2 && z.size(0) == M && z.size(1) == r,
               "mean, rstd must be (B*N,) and z (B*N, r)");
-  TORCH_CHECK(mean.scalar_type() == stat && rstd.scalar_type() == stat && z.scalar_type() == stat,
+  SA2VP_CHECK(mean.scalar_type() == stat && rstd.scalar_type() == stat && z.scalar_type() == stat,
               "mean, rstd and z must have dtype ", stat);
   for (const at::Tensor* t : {&grad_out, &norm_weight, &norm_bias, &down_weight, &up_weight}) {
-    TORCH_CHECK(t->scalar_type() == message.scalar_type(), "grad_out and the weights must have the dtype of message");
+    SA2VP_CHECK(t->scalar_type() == message.scalar_type(), "grad_out and the weights must have the dtype of message");
   }
   for (const at::Tensor* t : {&grad_out, &mean, &rstd, &z, &norm_weight, &norm_bias, &down_weight, &up_weight}) {
-    TORCH_CHECK(t->device() == message.device(), "all tensors must be on the device of message");
+    SA2VP_CHECK(t->device() == message.device(), "all tensors must be on the device of message");
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed >= 0, "seed must be in [0, 2**63), got ", seed);
+  SA2VP_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  SA2VP_CHECK(seed >= 0, "seed must be in [0, 2**63), got ", seed);
 }
 
 }  // namespace sa2vp

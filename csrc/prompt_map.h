@@ -100,15 +100,15 @@ inline void check_args(const at::Tensor& embed, const at::Tensor& weight, int64_
                        int64_t embed_h, int64_t embed_w, int64_t num_prefix) {
   SA2VP_CHECK_DIM(embed, 2);
   SA2VP_CHECK_DIM(weight, 2);
-  TORCH_CHECK(grid_h >= 1 && grid_w >= 1, "grid must be positive, got (", grid_h, ", ", grid_w, ")");
-  TORCH_CHECK(embed_h >= 1 && embed_w >= 1, "embed grid must be positive, got (", embed_h, ", ", embed_w,
+  SA2VP_CHECK(grid_h >= 1 && grid_w >= 1, "grid must be positive, got (", grid_h, ", ", grid_w, ")");
+  SA2VP_CHECK(embed_h >= 1 && embed_w >= 1, "embed grid must be positive, got (", embed_h, ", ", embed_w,
               ")");
-  TORCH_CHECK(num_prefix >= 0, "num_prefix must be >= 0, got ", num_prefix);
-  TORCH_CHECK(embed.size(0) == num_prefix + embed_h * embed_w,
+  SA2VP_CHECK(num_prefix >= 0, "num_prefix must be >= 0, got ", num_prefix);
+  SA2VP_CHECK(embed.size(0) == num_prefix + embed_h * embed_w,
               "embed must have num_prefix + embed_h * embed_w = ", num_prefix + embed_h * embed_w,
               " rows, got ", embed.size(0));
-  TORCH_CHECK(embed.size(1) >= 1, "embed must have at least one column (the rank r)");
-  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) == embed.size(1),
+  SA2VP_CHECK(embed.size(1) >= 1, "embed must have at least one column (the rank r)");
+  SA2VP_CHECK(weight.size(0) >= 1 && weight.size(1) == embed.size(1),
               "weight must have shape (C, r) with r = embed.size(1) = ", embed.size(1), ", got ",
               weight.sizes());
   SA2VP_CHECK_DTYPE(weight, embed.scalar_type());
@@ -123,13 +123,13 @@ inline void check_fwd_args(const at::Tensor& embed, const at::Tensor& weight,
   const int64_t C = weight.size(0), N = num_prefix + grid_h * grid_w;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == C, "bias must have shape (C,) = (", C, ",), got ", b.sizes());
+    SA2VP_CHECK(b.dim() == 1 && b.size(0) == C, "bias must have shape (C,) = (", C, ",), got ", b.sizes());
     SA2VP_CHECK_DTYPE(b, embed.scalar_type());
     SA2VP_CHECK_DEVICE(b, embed.device());
   }
   if (pos_embed.has_value()) {
     const at::Tensor& p = *pos_embed;
-    TORCH_CHECK(p.dim() == 3 && p.size(0) == 1 && p.size(1) == N && p.size(2) == C,
+    SA2VP_CHECK(p.dim() == 3 && p.size(0) == 1 && p.size(1) == N && p.size(2) == C,
                 "pos_embed must have shape (1, N, C) = (1, ", N, ", ", C, "), got ", p.sizes());
     SA2VP_CHECK_DTYPE(p, embed.scalar_type());
     SA2VP_CHECK_DEVICE(p, embed.device());
@@ -141,7 +141,7 @@ inline void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& embed, 
                            int64_t num_prefix) {
   check_args(embed, weight, grid_h, grid_w, embed_h, embed_w, num_prefix);
   const int64_t C = weight.size(0), N = num_prefix + grid_h * grid_w;
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == 1 && grad_out.size(1) == N && grad_out.size(2) == C,
+  SA2VP_CHECK(grad_out.dim() == 3 && grad_out.size(0) == 1 && grad_out.size(1) == N && grad_out.size(2) == C,
               "grad_out must have shape (1, N, C) = (1, ", N, ", ", C, "), got ", grad_out.sizes());
   SA2VP_CHECK_DTYPE(grad_out, embed.scalar_type());
   SA2VP_CHECK_DEVICE(grad_out, embed.device());

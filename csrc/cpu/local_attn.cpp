@@ -432,7 +432,7 @@ void run_tasks(const Args& a, TaskFn<Args> baseline, TaskFn<Args> avx2) {
 // ---- operators ----------------------------------------------------------------------------------
 
 void check_cpu_dtype(const at::Tensor& q, const char* op) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+  SA2VP_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
               " (CPU): q, k and v must be float32 or float64, got ", q.scalar_type());
 }
 
@@ -466,21 +466,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attn_bwd_cpu(
     int64_t num_prefix, bool zero_border, double scale) {
   check_local_attn_args(q_in, k_in, v_in, grid_h, grid_w, window, num_prefix);
   check_cpu_dtype(q_in, "local_attn_bwd");
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "local_attn_bwd: grad_out must have the shape of q ",
+  SA2VP_CHECK(grad_out_in.sizes() == q_in.sizes(), "local_attn_bwd: grad_out must have the shape of q ",
               q_in.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "local_attn_bwd: out must have the shape of q ", q_in.sizes(),
+  SA2VP_CHECK(out_in.sizes() == q_in.sizes(), "local_attn_bwd: out must have the shape of q ", q_in.sizes(),
               ", got ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+  SA2VP_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
               "local_attn_bwd: grad_out and out must have the dtype of q (", q_in.scalar_type(), "), got ",
               grad_out_in.scalar_type(), " and ", out_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == q_in.device() && out_in.device() == q_in.device() &&
+  SA2VP_CHECK(grad_out_in.device() == q_in.device() && out_in.device() == q_in.device() &&
                   lse_in.device() == q_in.device(),
               "local_attn_bwd: grad_out, out and lse must be on the device of q");
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
+  SA2VP_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
                   lse_in.size(2) == q_in.size(2),
               "local_attn_bwd: lse must have shape (B, heads, N) = ", q_in.sizes().slice(0, 3), ", got ",
               lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == lse_dtype(q_in), "local_attn_bwd: lse must have dtype ",
+  SA2VP_CHECK(lse_in.scalar_type() == lse_dtype(q_in), "local_attn_bwd: lse must have dtype ",
               lse_dtype(q_in), " for ", q_in.scalar_type(), " inputs, got ", lse_in.scalar_type());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in), out = last_dim_contiguous(out_in),

@@ -847,9 +847,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cpu(
   const int64_t r = check_prompt_add_fwd_args(target_in, message_in, norm_weight, norm_bias, down_weight,
                                               down_bias, up_weight, up_bias, deep_in, deep_scale_in, dropout_p,
                                               eps, seed);
-  TORCH_CHECK(message_in.device().is_cpu(), "prompt_add_fwd (CPU): tensors must be on the CPU");
+  SA2VP_CHECK(message_in.device().is_cpu(), "prompt_add_fwd (CPU): tensors must be on the CPU");
   const auto dtype = message_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+  SA2VP_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "prompt_add_fwd (CPU) supports float32 and float64, got ", dtype);
   const at::Tensor target = last_dim_contiguous(target_in), message = last_dim_contiguous(message_in);
   at::Tensor nw = norm_weight.contiguous(), nb = norm_bias.contiguous();
@@ -901,9 +901,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double dropout_p, int64_t seed) {
   check_prompt_add_bwd_args(grad_out_in, message_in, mean_in, rstd_in, z_in, norm_weight, norm_bias, down_weight,
                             up_weight, dropout_p, seed);
-  TORCH_CHECK(message_in.device().is_cpu(), "prompt_add_bwd (CPU): tensors must be on the CPU");
+  SA2VP_CHECK(message_in.device().is_cpu(), "prompt_add_bwd (CPU): tensors must be on the CPU");
   const auto dtype = message_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+  SA2VP_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "prompt_add_bwd (CPU) supports float32 and float64, got ", dtype);
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in), message = last_dim_contiguous(message_in);
   at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous(), z = z_in.contiguous();

@@ -270,8 +270,8 @@ SA2VP_SIMD512_END
 #endif
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+  SA2VP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  SA2VP_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64 on CPU, got ", t.scalar_type());
 }
 

@@ -1113,9 +1113,9 @@ Rows<T> rows_of(const at::Tensor& t) {
 }
 
 void check_cuda_inputs(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "local_attn (CUDA): q must be a CUDA tensor, got ", q.device());
+  SA2VP_CHECK(q.is_cuda(), "local_attn (CUDA): q must be a CUDA tensor, got ", q.device());
   const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+  SA2VP_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
               "local_attn (CUDA): q must be float16, bfloat16, float32 or float64, got ", st);
 }
 
@@ -1124,7 +1124,7 @@ Geometry make_geometry(const at::Tensor& q, int64_t grid_h, int64_t grid_w, int6
                        int64_t num_prefix, const Plan& plan, int vec) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(B * H <= kIntMax && N <= kIntMax,
+  SA2VP_CHECK(B * H <= kIntMax && N <= kIntMax,
               "local_attn (CUDA): batch * heads and N must fit 32-bit ints, got B=", B, ", heads=", H,
               ", N=", N);
   Geometry geo;
@@ -1204,7 +1204,7 @@ TilePlan make_tile_plan(const Geometry& geo) {
 int launch_blocks(int64_t items, int log2g) {
   const int64_t per_block = kThreads >> log2g;
   const int64_t blocks = (items + per_block - 1) / per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many rows (", items,
+  SA2VP_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many rows (", items,
               ") for one launch");
   return static_cast<int>(blocks);
 }
@@ -1248,11 +1248,11 @@ std::tuple<at::Tensor, at::Tensor> local_attn_fwd_cuda(const at::Tensor& q_in, c
     p.zero_border = zero_border;
     p.grid_queries = B * H * grid_h * grid_w;
     const int64_t prefix_blocks = B * H * num_prefix;
-    TORCH_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
+    SA2VP_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
                 "local_attn (CUDA): too many prefix queries (", prefix_blocks, ")");
     p.prefix_blocks = static_cast<int>(prefix_blocks);
     const int64_t blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
-    TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
+    SA2VP_CHECK(blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const bool tiled = tiled_forward() && plan.single();
     with_plan<T>(plan, prefetch_rows() && !tiled, [&](auto vpl, auto single, auto pf) {
@@ -1301,22 +1301,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attn_bwd_cuda(
   (void)zero_border;  // the border only enters through lse, which already holds its terms
   check_local_attn_args(q_in, k_in, v_in, grid_h, grid_w, window, num_prefix);
   check_cuda_inputs(q_in);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+  SA2VP_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "local_attn_bwd: grad_out and out must have q's shape ", q_in.sizes(), ", got ",
               grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
+  SA2VP_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
                   out_in.scalar_type() == q_in.scalar_type(),
               "local_attn_bwd: grad_out and out must have q's dtype ", q_in.scalar_type(), ", got ",
               grad_out_in.scalar_type(), " and ", out_in.scalar_type());
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
   const at::ScalarType acc = acc_dtype(q_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == N,
+  SA2VP_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == N,
               "local_attn_bwd: lse must have shape (B, heads, N) = (", B, ", ", H, ", ", N, "), got ",
               lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == acc, "local_attn_bwd: lse must have dtype ", acc, ", got ",
+  SA2VP_CHECK(lse_in.scalar_type() == acc, "local_attn_bwd: lse must have dtype ", acc, ", got ",
               lse_in.scalar_type());
   for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
-    TORCH_CHECK(t->device() == q_in.device(), "local_attn_bwd: grad_out, out and lse must be on ",
+    SA2VP_CHECK(t->device() == q_in.device(), "local_attn_bwd: grad_out, out and lse must be on ",
                 q_in.device(), ", got ", t->device());
   }
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -1360,11 +1360,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attn_bwd_cuda(
     p.grid_queries = B * H * grid_h * grid_w;
     p.keys = B * H * N;
     const int64_t prefix_blocks = B * H * num_prefix;
-    TORCH_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
+    SA2VP_CHECK(prefix_blocks <= std::numeric_limits<int>::max(),
                 "local_attn (CUDA): too many prefix queries (", prefix_blocks, ")");
     p.prefix_blocks = static_cast<int>(prefix_blocks);
     const int64_t dq_blocks = prefix_blocks + launch_blocks(p.grid_queries, plan.log2g);
-    TORCH_CHECK(dq_blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
+    SA2VP_CHECK(dq_blocks <= std::numeric_limits<int>::max(), "local_attn (CUDA): too many queries");
     const int row_blocks = launch_blocks(p.keys, plan.log2g);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 

@@ -704,7 +704,7 @@ int64_t optin_shared_per_block() {
 int warps_for(int64_t per_warp, const char* what) {
   constexpr int64_t kBudget = 96 * 1024;
   const int64_t max_per_block = optin_shared_per_block();
-  TORCH_CHECK(per_warp <= max_per_block, what, ": the number of channels is too large for the CUDA kernels on this "
+  SA2VP_CHECK(per_warp <= max_per_block, what, ": the number of channels is too large for the CUDA kernels on this "
               "device (", per_warp, " bytes of shared memory per warp, the device allows ", max_per_block,
               " per block)");
   const int64_t budget = std::min(kBudget, max_per_block);
@@ -801,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_add_fwd_cuda(
   const int64_t r = check_prompt_add_fwd_args(target_in, message_in, norm_weight, norm_bias, down_weight,
                                               down_bias, up_weight, up_bias, deep_in, deep_scale_in, dropout_p,
                                               eps, seed);
-  TORCH_CHECK(message_in.is_cuda(), "prompt_add_fwd (CUDA): tensors must be on a CUDA device");
+  SA2VP_CHECK(message_in.is_cuda(), "prompt_add_fwd (CUDA): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(message_in.device());
   const at::Tensor target = last_dim_contiguous(target_in), message = last_dim_contiguous(message_in);
   const at::Tensor nw = norm_weight.contiguous(), nb = norm_bias.contiguous();
@@ -877,7 +877,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double dropout_p, int64_t seed) {
   check_prompt_add_bwd_args(grad_out_in, message_in, mean_in, rstd_in, z_in, norm_weight, norm_bias, down_weight,
                             up_weight, dropout_p, seed);
-  TORCH_CHECK(message_in.is_cuda(), "prompt_add_bwd (CUDA): tensors must be on a CUDA device");
+  SA2VP_CHECK(message_in.is_cuda(), "prompt_add_bwd (CUDA): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(message_in.device());
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in), message = last_dim_contiguous(message_in);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous(), z = z_in.contiguous();

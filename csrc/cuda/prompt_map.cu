@@ -157,9 +157,9 @@ unsigned int blocks_for(int64_t work, int threads) {
 }
 
 void check_cuda(const at::Tensor& embed) {
-  TORCH_CHECK(embed.is_cuda(), "embed must be a CUDA tensor, got ", embed.device());
+  SA2VP_CHECK(embed.is_cuda(), "embed must be a CUDA tensor, got ", embed.device());
   const auto dt = embed.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
+  SA2VP_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
               "embed must be float16, bfloat16, float32 or float64 on CUDA, got ", dt);
 }
 
@@ -181,7 +181,7 @@ at::Tensor prompt_map_fwd_cuda(const at::Tensor& embed, const at::Tensor& weight
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embed.scalar_type(), "prompt_map_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = static_cast<size_t>(s.r) * sizeof(acc_t);
-    TORCH_CHECK(smem <= 48 * 1024, "prompt_map: rank r = ", s.r, " is too large for the CUDA kernel");
+    SA2VP_CHECK(smem <= 48 * 1024, "prompt_map: rank r = ", s.r, " is too large for the CUDA kernel");
     forward_kernel<scalar_t, acc_t><<<blocks_for(s.N, 1), kFwdThreads, smem, stream>>>(
         e.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
         p.defined() ? p.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), s);
