@@ -7,9 +7,9 @@ benchmark shapes (B=64, 14x14 + CLS, C=768, bfloat16), on one GPU; for choosing 
 Rows: the local attention forward (1 x 768 and 12 x 64) of the CUDA kernels with and without the
 tiled forward (SA2VP_CUDA_ATTN_TILED) and of the Triton kernels; prompt_add (p = 0.1) forward and
 forward + backward of the CUDA kernels with and without the staged forward
-(SA2VP_CUDA_PROMPT_ADD_STAGED) and of the Triton kernels. Every row also reports the error of the
-output against the float64 reference (bench/common.py), and the share of the measured copy bandwidth
-for the fewest bytes the op must move.
+(SA2VP_CUDA_PROMPT_ADD_STAGED), of the Triton kernels and of the unfused nn modules. The attention
+rows also report the error of the output against the float64 reference (bench/common.py); every row
+the share of the measured copy bandwidth for the fewest bytes the op must move.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ PROMPT_ADD = [
     ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}),
     ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}),  # the default
     ("triton", "triton", {}),
+    ("unfused", "unfused", {}),  # nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds: the baseline
 ]
 
 
