@@ -22,6 +22,7 @@ import re
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -705,6 +706,22 @@ def peak_memory_mib(fn: Callable, device) -> dict:
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20}
+
+
+@contextmanager
+def environment(**values: str):
+    """Environment variables set for the block and restored after it (the kernel variants that the
+    extension reads at every launch, e.g. SA2VP_CUDA_PROMPT_ADD_STAGED)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> dict:

@@ -70,36 +70,30 @@ def main(argv=None) -> int:
         return common.time_fn(fn, device, warmup_ms=1, rep_ms=5)["ms"]
 
     def row(section, case, label, provider, env, passes, make, errors):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            work = make(provider, case)
-            err = errors(work, case) if errors else {}
-            for pass_ in passes:
-                rec = {"section": section, "case": case.label, "variant": label, "provider": provider,
-                       "pass": pass_, **err}
-                try:
-                    rec["ms"] = timed(work.runner(pass_))
-                    rec["bytes"] = case.bytes(pass_)
-                    rec["bw_frac"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e9 / copy["gbps"]
-                except Exception as exc:  # a variant that fails is recorded, the others still run
-                    rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                results["records"].append(rec)
-                msg = (f"{rec['ms']:.4f} ms {100 * rec['bw_frac']:5.1f}% of copy bw" if "ms" in rec
-                       else rec["error"])
-                e = rec.get("rel_err_out")
-                print(f"{section:<10} {case.label:<36} {label:<13} {pass_:<8} {msg}"
-                      + (f"  err {e:.1e}" if e is not None else ""), flush=True)
+            with common.environment(**env):  # (the extension reads the variant switches at every launch)
+                work = make(provider, case)
+                err = errors(work, case) if errors else {}
+                for pass_ in passes:
+                    rec = {"section": section, "case": case.label, "variant": label, "provider": provider,
+                           "pass": pass_, **err}
+                    try:
+                        rec["ms"] = timed(work.runner(pass_))
+                        rec["bytes"] = case.bytes(pass_)
+                        rec["bw_frac"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e9 / copy["gbps"]
+                    except Exception as exc:  # a variant that fails is recorded, the others still run
+                        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    results["records"].append(rec)
+                    msg = (f"{rec['ms']:.4f} ms {100 * rec['bw_frac']:5.1f}% of copy bw" if "ms" in rec
+                           else rec["error"])
+                    e = rec.get("rel_err_out")
+                    print(f"{section:<10} {case.label:<36} {label:<13} {pass_:<8} {msg}"
+                          + (f"  err {e:.1e}" if e is not None else ""), flush=True)
         except Exception as exc:
             results["records"].append({"section": section, "case": case.label, "variant": label,
                                        "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"{section:<10} {case.label:<36} {label:<13} ERROR {exc}", flush=True)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             common.write_results(results, [path])
 
     for heads, dim in layouts:

@@ -620,43 +620,29 @@ def section_tune(run: Run) -> None:
     if "cuda" in common.kernel_backends(run.device):
         # The CUDA attention kernels with and without loading the next key's rows ahead
         # (SA2VP_CUDA_ATTN_PREFETCH, read at every launch), forward and forward + backward.
-        saved = os.environ.get(_PREFETCH_ENV)
-        try:
-            for heads, dim in run.plan.layouts:
-                acase = _attn_case(run, heads, dim, run.plan.grid)
-                for flag, label in (("0", "cuda default"), ("1", "cuda prefetch")):
-                    if run.over():
-                        run.skip("tune", f"attention {acase.label} {label}", "over the section's time budget")
-                        continue
-                    os.environ[_PREFETCH_ENV] = flag
+        for heads, dim in run.plan.layouts:
+            acase = _attn_case(run, heads, dim, run.plan.grid)
+            for flag, label in (("0", "cuda default"), ("1", "cuda prefetch")):
+                if run.over():
+                    run.skip("tune", f"attention {acase.label} {label}", "over the section's time budget")
+                    continue
+                with common.environment(**{_PREFETCH_ENV: flag}):
                     for pass_ in ("fwd", "fwd+bwd"):
                         _time_tuned(run, "tune", acase, label, _attn_make(run, "cuda", acase), pass_)
-        finally:
-            if saved is None:
-                os.environ.pop(_PREFETCH_ENV, None)
-            else:
-                os.environ[_PREFETCH_ENV] = saved
     if "cuda" in common.kernel_backends(run.device):
         # The CUDA prompt_add forward with and without the weights staged in shared memory
         # (SA2VP_CUDA_PROMPT_ADD_STAGED, read at every launch).
-        saved = os.environ.get(_STAGED_ENV)
         dtype = getattr(common.torch, run.plan.dtype_name)
         B, N, C, r = run.plan.prompt_add[0]
         pcase = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
-        try:
-            for flag, label in (("0", "cuda not staged"), ("1", "cuda staged (default)")):
-                if run.over():
-                    run.skip("tune", f"prompt_add {pcase.label} {label}", "over the section's time budget")
-                    continue
-                os.environ[_STAGED_ENV] = flag
+        for flag, label in (("0", "cuda not staged"), ("1", "cuda staged (default)")):
+            if run.over():
+                run.skip("tune", f"prompt_add {pcase.label} {label}", "over the section's time budget")
+                continue
+            with common.environment(**{_STAGED_ENV: flag}):
                 for pass_ in ("fwd", "fwd+bwd"):
                     _time_tuned(run, "tune", pcase, label,
                                 lambda: common.prompt_add_workload("cuda", pcase, run.device, n_sets=2), pass_)
-        finally:
-            if saved is None:
-                os.environ.pop(_STAGED_ENV, None)
-            else:
-                os.environ[_STAGED_ENV] = saved
     from sa2vp_kernels._dispatch import triton_interpreted
     if "triton" not in common.kernel_backends(run.device) and not (run.args.tiny and triton_interpreted()):
         run.skip("tune", "triton", "the Triton kernels do not run on this device")

@@ -13,9 +13,8 @@ from sa2vp_kernels import _ext
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="no compiled CPU kernels")
 
 
-def _assert_compiled_matches_eager(f, args, weights, **tol):
-    """f compiled with Inductor (fullgraph) and eager f: the same value and gradients for args + weights."""
-    compiled = torch.compile(f, fullgraph=True)
+def _assert_same(compiled, f, args, weights, **tol):
+    """compiled(*args) and eager f(*args): the same value and gradients for args + weights."""
     out = compiled(*args)
     grads = torch.autograd.grad(out, args + tuple(weights))
     want = f(*args)
@@ -23,6 +22,11 @@ def _assert_compiled_matches_eager(f, args, weights, **tol):
     torch.testing.assert_close(out, want, **tol)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp, **tol)
+
+
+def _assert_compiled_matches_eager(f, args, weights, **tol):
+    """f compiled with Inductor (fullgraph) and eager f: the same value and gradients for args + weights."""
+    _assert_same(torch.compile(f, fullgraph=True), f, args, weights, **tol)
 
 
 def test_inductor_forward_and_backward_match_eager():
@@ -75,15 +79,8 @@ def _assert_dynamic_matches_eager(f, make_args, weights, sizes, **tol):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for i, size in enumerate(sizes):
-        args = make_args(size)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):  # a recompilation raises
-            out = compiled(*args)
-        grads = torch.autograd.grad(out, args + tuple(weights))
-        want = f(*args)
-        want_grads = torch.autograd.grad(want, args + tuple(weights))
-        torch.testing.assert_close(out, want, **tol)
-        for got, exp in zip(grads, want_grads):
-            torch.testing.assert_close(got, exp, **tol)
+            _assert_same(compiled, f, make_args(size), weights, **tol)
 
 
 def _dynamic_case(backend, device, dtype):
