@@ -1,46 +1,120 @@
 #!/usr/bin/env python3
-"""CUDA-graph timings of the kernel variants that environment variables select, side by side, at the
-benchmark shapes (B=64, 14x14 + CLS, C=768, bfloat16), on one GPU; for choosing the defaults.
+"""CUDA-graph timings of the kernel variants, side by side, at the benchmark shapes (B=64, 14x14 + CLS,
+C=768, bfloat16), on one GPU; for choosing the defaults.
 
-    python3 bench/gpu_variants.py --out DIR          # writes DIR/<device>-<date>-variants.json
+    python3 bench/gpu_variants.py --out DIR                      # writes DIR/<device>-<date>-variants.json
+    python3 bench/gpu_variants.py --providers triton,unfused     # no compiled extension needed
 
-Rows: the local attention forward (1 x 768 and 12 x 64) of the CUDA kernels with and without the
-tiled forward (SA2VP_CUDA_ATTN_TILED) and of the Triton kernels; prompt_add (p = 0.1) forward and
-forward + backward of the CUDA kernels with and without the staged forward
-(SA2VP_CUDA_PROMPT_ADD_STAGED), of the Triton kernels and of the unfused nn modules. The attention
-rows also report the error of the output against the float64 reference (bench/common.py); every row
-the share of the measured copy bandwidth for the fewest bytes the op must move.
+Rows:
+
+* local attention forward (1 x 768 and 12 x 64): the CUDA kernels with and without the tiled forward
+  (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the launch plans of
+  ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), and with deeper
+  pipelining of the prefix queries' key loop. Diagnostic: the same layouts without a prefix token
+  (N = 196), to show what the prefix queries cost.
+* prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
+  forward (SA2VP_CUDA_PROMPT_ADD_STAGED); the Triton kernels with their defaults, with the chunked
+  rows' statistics in three passes over the message (``FWD_ONE_PASS`` / ``BWD_FROM_Z`` off) and with
+  the launch configurations of ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the
+  same without dropout (p = 0), with the error of the added term against a float64 reference.
+
+The attention rows report the error of the output against the float64 reference (bench/common.py);
+every row the share of the measured copy bandwidth for the fewest bytes the op must move. A variant that
+fails is recorded with its error and the others still run; the results file is rewritten after each row.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (label, provider, environment)
-ATTENTION = [
-    ("cuda default", "cuda", {"SA2VP_CUDA_ATTN_TILED": "0"}),
-    ("cuda tiled", "cuda", {"SA2VP_CUDA_ATTN_TILED": "1"}),
-    ("triton", "triton", {}),
-]
-PROMPT_ADD = [
-    ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}),
-    ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}),  # the default
-    ("triton", "triton", {}),
-    ("unfused", "unfused", {}),  # nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds: the baseline
-]
+_TLA = "sa2vp_kernels.triton.local_attn"
+_TPA = "sa2vp_kernels.triton.prompt_add"
+
+
+def _attention_variants():
+    """(label, provider, environment, patches): patches are (module, attribute, value or
+    function of the module giving the value), applied for the row and undone after it."""
+    rows = [
+        ("cuda default", "cuda", {"SA2VP_CUDA_ATTN_TILED": "0"}, ()),
+        ("cuda tiled", "cuda", {"SA2VP_CUDA_ATTN_TILED": "1"}, ()),
+        ("triton", "triton", {}, ()),
+    ]
+    from sa2vp_kernels.triton import local_attn as tla
+    for plan in tla.TUNE_PLANS:
+        label = "triton " + " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
+        rows.append((label, "triton", {}, ((_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)),)))
+    for stages in (3, 4):
+        rows.append((f"triton prefix st{stages}", "triton", {}, ((_TLA, "_PREFIX_STAGES", stages),)))
+    return rows
+
+
+def _prompt_add_variants():
+    rows = [
+        ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}, ()),
+        ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}, ()),  # the default
+        ("triton", "triton", {}, ()),
+        ("triton 3-pass", "triton", {}, ((_TPA, "FWD_ONE_PASS", False), (_TPA, "BWD_FROM_Z", False))),
+    ]
+    from sa2vp_kernels.triton import prompt_add as tpa
+    for cfg in tpa.TUNE_CONFIGS:
+        label = "triton " + " ".join(f"{k}{'-all' if v == -1 else v}" for k, v in zip(("m", "w", "c"), cfg) if v)
+        rows.append((label, "triton", {}, ((_TPA, "_row_blocks", lambda m, cfg=cfg: m.tuned_row_blocks(*cfg)),)))
+    rows.append(("unfused", "unfused", {}, ()))  # nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds
+    return rows
+
+
+@contextlib.contextmanager
+def _patched(patches):
+    saved = []
+    try:
+        for module_name, attr, value in patches:
+            mod = importlib.import_module(module_name)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value(mod) if callable(value) else value)
+        yield
+    finally:
+        for mod, attr, old in reversed(saved):
+            setattr(mod, attr, old)
+
+
+def _prompt_add_delta_errors(work, case) -> dict:
+    """Relative errors, against the float64 reference without dropout, of the term added to the target
+    (``out - target``) and of the message gradient, on input set 0 (kernel backends only)."""
+    import torch
+
+    from sa2vp_kernels.reference.prompt_add import prompt_add_reference
+
+    import common
+
+    args = work.args[0]
+    if case.dropout_p > 0 or len(args) < 8:
+        return {}
+    target, message, *params = args
+    out = work.forward(*args)
+    go = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(5), device=out.device)
+    (g_msg,) = torch.autograd.grad(out, message, go.to(out.dtype))
+    t64, m64 = target.detach().double(), message.detach().double().requires_grad_(True)
+    ref = prompt_add_reference(t64, m64, case.scale, *[p.detach().double() for p in params], None, None, 0.0,
+                               1e-6, None)
+    (g_ref,) = torch.autograd.grad(ref, m64, go.double())
+    return {"rel_err_added": common.rel_err(out.detach().double() - t64, (ref - t64).detach()),
+            "rel_err_grad_message": common.rel_err(g_msg, g_ref)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder of the results file (default bench/results)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a dry run, also on the CPU)")
+    parser.add_argument("--providers", default="cuda,triton,unfused",
+                        help="comma-separated providers to time (default: cuda,triton,unfused)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. triton)")
     args = parser.parse_args(argv)
     if not os.path.exists("/dev/nvidia0"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,6 +122,10 @@ def main(argv=None) -> int:
 
     import common
 
+    providers = {p.strip() for p in args.providers.split(",") if p.strip()}
+    unknown = providers - {"cuda", "triton", "unfused"}
+    if unknown:
+        parser.error(f"--providers: unknown {sorted(unknown)}; choose from cuda, triton, unfused")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         print("no CUDA device; use --tiny for a dry run", file=sys.stderr)
@@ -57,9 +135,11 @@ def main(argv=None) -> int:
     grid = (14, 14) if not args.tiny else (4, 5)
     B, N, C, r = (64, 197, 768, 16) if not args.tiny else (2, 21, 32, 4)
     results = common.new_results(device, source="bench/gpu_variants.py" + (" --tiny" if args.tiny else ""))
+    results["meta"]["providers"] = sorted(providers)
     out = Path(args.out or common.RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{results['meta']['device_tag']}-{results['meta']['date']}-variants.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = out / f"{results['meta']['device_tag']}-{results['meta']['date']}-variants{tag}.json"
     copy = common.copy_bandwidth(device, (1 << 30) if not args.tiny else (16 << 20))
     results["bandwidth"] = copy
     print(f"{results['meta']['device']}: copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
@@ -69,9 +149,13 @@ def main(argv=None) -> int:
             return common.time_cuda_graph(fn, device, rep_ms=10)["ms_graph"]
         return common.time_fn(fn, device, warmup_ms=1, rep_ms=5)["ms"]
 
-    def row(section, case, label, provider, env, passes, make, errors):
+    def row(section, case, label, provider, env, patches, passes, make, errors):
+        if provider not in providers:
+            return
         try:
-            with common.environment(**env):  # (the extension reads the variant switches at every launch)
+            # (the extension reads the variant switches at every launch; the Triton launchers read the
+            # patched module attributes at every call)
+            with common.environment(**env), _patched(patches):
                 work = make(provider, case)
                 err = errors(work, case) if errors else {}
                 for pass_ in passes:
@@ -86,27 +170,41 @@ def main(argv=None) -> int:
                     results["records"].append(rec)
                     msg = (f"{rec['ms']:.4f} ms {100 * rec['bw_frac']:5.1f}% of copy bw" if "ms" in rec
                            else rec["error"])
-                    e = rec.get("rel_err_out")
-                    print(f"{section:<10} {case.label:<36} {label:<13} {pass_:<8} {msg}"
-                          + (f"  err {e:.1e}" if e is not None else ""), flush=True)
+                    errs = "".join(f"  {k.replace('rel_err_', 'err ')} {v:.1e}" for k, v in err.items())
+                    print(f"{section:<10} {case.label:<36} {label:<20} {pass_:<8} {msg}{errs}", flush=True)
+                del work
         except Exception as exc:
             results["records"].append({"section": section, "case": case.label, "variant": label,
                                        "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(f"{section:<10} {case.label:<36} {label:<13} ERROR {exc}", flush=True)
+            print(f"{section:<10} {case.label:<36} {label:<20} ERROR {exc}", flush=True)
         finally:
             common.write_results(results, [path])
 
-    for heads, dim in layouts:
-        case = common.AttnCase(batch, heads, dim, grid=grid, window=3, border="clip", dtype=dtype)
-        for label, provider, env in ATTENTION:
-            row("attention", case, label, provider, env, ("fwd",),
+    def attention(case, variants):
+        for label, provider, env, patches in variants:
+            row("attention", case, label, provider, env, patches, ("fwd",),
                 lambda p, c: common.attention_workload(p, c, device,
                                                        n_sets=common.rotation(3 * c.tensor_bytes(), device)),
                 common.attention_errors)
-    case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)
-    for label, provider, env in PROMPT_ADD:
-        row("prompt_add", case, label, provider, env, ("fwd", "fwd+bwd"),
-            lambda p, c: common.prompt_add_workload(p, c, device, n_sets=2), None)
+
+    def prompt_add(case, variants, errors=None):
+        for label, provider, env, patches in variants:
+            row("prompt_add", case, label, provider, env, patches, ("fwd", "fwd+bwd"),
+                lambda p, c: common.prompt_add_workload(p, c, device, n_sets=2), errors)
+
+    attn_variants = _attention_variants()
+    for heads, dim in layouts:
+        attention(common.AttnCase(batch, heads, dim, grid=grid, window=3, border="clip", dtype=dtype),
+                  attn_variants)
+    pa_variants = _prompt_add_variants()
+    prompt_add(common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype), pa_variants)
+    # Diagnostics: the cost of the prefix queries and of dropout.
+    for heads, dim in layouts:
+        attention(common.AttnCase(batch, heads, dim, grid=grid, window=3, num_prefix=0, border="clip", dtype=dtype),
+                  [v for v in attn_variants if v[0] in ("cuda default", "triton")])
+    prompt_add(common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.0, dtype=dtype),
+               [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton 3-pass", "unfused")],
+               lambda work, case: _prompt_add_delta_errors(work, case))
     common.write_results(results, [path])
     print(f"results: {path}")
     return 0

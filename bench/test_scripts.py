@@ -180,3 +180,37 @@ def test_triton_host_script(tmp_path):
         (op, call) for op in ("local_cross_attention", "prompt_add")
         for call in ("fwd (no grad)", "fwd (grad)", "fwd+bwd")}
     assert all(r["eager_us"] > 0 and r["registered_us"] > 0 for r in rows)
+
+
+def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
+    """Every variant of bench/gpu_variants.py names module attributes that exist, gives them a value
+    the launchers can use, and leaves the defaults in place afterwards; a dry run with one provider
+    writes its rows."""
+    import importlib
+
+    import gpu_variants
+
+    from sa2vp_kernels.triton import local_attn as tla
+    from sa2vp_kernels.triton import prompt_add as tpa
+
+    defaults = (tla._tile_plan, tla._PREFIX_STAGES, tpa._row_blocks, tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z)
+    attention, prompt_add = gpu_variants._attention_variants(), gpu_variants._prompt_add_variants()
+    for section in (attention, prompt_add):
+        assert len({v[0] for v in section}) == len(section)  # labels are unique
+    variants = attention + prompt_add
+    for label, provider, env, patches in variants:
+        with gpu_variants._patched(patches):
+            for module_name, attr, _ in patches:
+                value = getattr(importlib.import_module(module_name), attr)
+                if attr == "_tile_plan":
+                    assert value(14, 14, 1, 1, 0, 64, torch.bfloat16) is not None, label
+                elif attr == "_row_blocks":
+                    assert len(value(768, 16, torch.bfloat16)) == 5, label
+        assert (tla._tile_plan, tla._PREFIX_STAGES, tpa._row_blocks, tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z) == defaults
+    assert gpu_variants.main(["--tiny", "--providers", "unfused", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-variants.json")
+    records = json.loads(path.read_text())["records"]
+    assert {(r["variant"], r["pass"]) for r in records} == {("unfused", "fwd"), ("unfused", "fwd+bwd")}
+    assert len(records) == 4 and all(r["ms"] > 0 for r in records)  # p = 0.1 and the p = 0 diagnostic
+    with pytest.raises(SystemExit):
+        gpu_variants.main(["--tiny", "--providers", "cuda,nope"])

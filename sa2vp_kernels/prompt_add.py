@@ -16,7 +16,7 @@ backward.
 
 The compiled ops ``torch.ops.sa2vp_kernels.prompt_add_fwd/bwd`` (``csrc/cpu``, ``csrc/cuda``) and the
 Triton ops ``prompt_add_fwd_triton/bwd_triton`` (:mod:`sa2vp_kernels.triton.prompt_add`) share one
-schema.  The fake implementations of both and the autograd of the Triton ops are registered here; the
+schema, except that the Triton backward also takes ``down_bias`` (after ``down_weight``).  The fake implementations of both and the autograd of the Triton ops are registered here; the
 compiled ops have the same autograd formula in C++ (``csrc/autograd.cpp``, less host time per call).
 """
 from __future__ import annotations
@@ -54,14 +54,16 @@ def _setup_context(ctx, inputs, output):
      scale, dropout_p, eps, seed) = inputs
     out, mean, rstd, z = output
     ctx.mark_non_differentiable(mean, rstd, z)
-    ctx.save_for_backward(message, mean, rstd, z, norm_weight, norm_bias, down_weight, up_weight, deep,
+    ctx.save_for_backward(message, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, deep,
                           deep_scale)
     ctx.args = (scale, dropout_p, seed)
 
 
 def _make_backward(bwd_op):
+    """The autograd backward of the Triton forward ops around the Triton backward op ``bwd_op``."""
     def backward(ctx, grad_out, grad_mean, grad_rstd, grad_z):
-        message, mean, rstd, z, norm_weight, norm_bias, down_weight, up_weight, deep, deep_scale = ctx.saved_tensors
+        (message, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, deep,
+         deep_scale) = ctx.saved_tensors
         scale, dropout_p, seed = ctx.args
         needs = ctx.needs_input_grad
         if grad_out is None:
@@ -72,7 +74,7 @@ def _make_backward(bwd_op):
         if any(needs[1:8]):
             grad_out_c = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
             grads[1:8] = bwd_op(grad_out_c, message, mean, rstd, z, norm_weight, norm_bias, down_weight,
-                                up_weight, scale, dropout_p, seed)
+                                down_bias, up_weight, scale, dropout_p, seed)
         if deep is not None and (needs[8] or needs[9]):
             # out depends on deep through a broadcast over the batch: reduce grad_out over it once.
             stat = _stat_dtype(grad_out.dtype)
@@ -110,8 +112,8 @@ class _EagerTritonPromptAdd(torch.autograd.Function):
         out, mean, rstd, z = _triton_ops.prompt_add_fwd(*args)
         (target, message, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, deep, deep_scale,
          scale, dropout_p, eps, seed) = args
-        ctx.save_for_backward(message, mean, rstd, z, norm_weight, norm_bias, down_weight, up_weight, deep,
-                              deep_scale)
+        ctx.save_for_backward(message, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight,
+                              deep, deep_scale)
         ctx.args = (scale, dropout_p, seed)
         return out
 

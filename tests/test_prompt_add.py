@@ -398,14 +398,15 @@ def _op_args(deep, p, device="cpu", requires_grad=False):
 TRITON_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
 
 
-def _opcheck(fwd, bwd, deep, p, device="cpu", test_utils=None):
+def _opcheck(fwd, bwd, deep, p, device="cpu", test_utils=None, bwd_takes_down_bias=False):
     kw = {} if test_utils is None else {"test_utils": test_utils}
     args = _op_args(deep, p, device=device)
     torch.library.opcheck(fwd, args, **kw)
     torch.library.opcheck(fwd, _op_args(deep, p, device=device, requires_grad=True), **kw)
     out, mean, rstd, z = fwd(*args)
     go = torch.randn_like(out)
-    torch.library.opcheck(bwd, (go, args[1], mean, rstd, z, args[2], args[3], args[4], args[6], 0.8, p, 77), **kw)
+    weights = (args[4], args[5], args[6]) if bwd_takes_down_bias else (args[4], args[6])  # the Triton op's schema
+    torch.library.opcheck(bwd, (go, args[1], mean, rstd, z, args[2], args[3], *weights, 0.8, p, 77), **kw)
 
 
 @pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
@@ -423,7 +424,8 @@ def test_opcheck_gpu(backend, deep, p):
     suffix = "_triton" if backend == "triton" else ""
     fwd = getattr(torch.ops.sa2vp_kernels, "prompt_add_fwd" + suffix).default
     bwd = getattr(torch.ops.sa2vp_kernels, "prompt_add_bwd" + suffix).default
-    _opcheck(fwd, bwd, deep, p, device="cuda", test_utils=TRITON_OPCHECK_UTILS if backend == "triton" else None)
+    _opcheck(fwd, bwd, deep, p, device="cuda", test_utils=TRITON_OPCHECK_UTILS if backend == "triton" else None,
+             bwd_takes_down_bias=backend == "triton")
 
 
 @pytest.mark.skipif(not _ext.has_kernel("prompt_add_fwd", "CPU"), reason="compiled CPU kernels not built")
@@ -648,11 +650,15 @@ def test_triton_check_fits_names_the_limit(monkeypatch):
         tp._check_fits(16, 1024, 16, torch.float32, cuda, 768, 16)
 
 
-@pytest.fixture
-def wide_triton(monkeypatch):
+@pytest.fixture(params=[True, False], ids=["one-pass", "three-pass"])
+def wide_triton(monkeypatch, request):
     """The Triton prompt_add with every row chunked into 16 channels (C = 40: two full chunks and a
-    partial one), so the interpreter runs the wide kernels at small shapes."""
+    partial one), so the interpreter runs the wide kernels at small shapes; with the forward's
+    statistics in one pass and the backward's LayerNorm sums from z (the defaults), or both over the
+    message."""
     from sa2vp_kernels.triton import prompt_add as tp
+    monkeypatch.setattr(tp, "FWD_ONE_PASS", request.param)
+    monkeypatch.setattr(tp, "BWD_FROM_Z", request.param)
     monkeypatch.setattr(tp, "_WIDE_SHARED", 0)
     monkeypatch.setattr(tp, "_CHUNK_SHARED", 16 * 16 * 2)  # (16 + 16) x 16 channels of 1 byte: 16 channels
     assert tp._row_blocks(40, 3, torch.float64)[1::3] == (16, True)
@@ -687,6 +693,30 @@ def test_triton_wide_matches_reference(wide_triton, dtype):
     for name in g_ex:
         scale = g_ex[name].abs().max().item()
         torch.testing.assert_close(g[name].double(), g_ex[name], rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("offset", ["constant", "first-chunk"])
+def test_triton_wide_float32_rows_far_from_zero_mean(wide_triton, offset):
+    """Rows whose mean is far larger than their spread (the one-pass statistics shift by the first
+    chunk's mean; "first-chunk": that chunk's mean is not the row's) keep float32 accuracy."""
+    t64 = _inputs(2, 5, 40, 3, deep=False, requires_grad=True, seed=25)
+    msg = t64["message"].detach()
+    if offset == "constant":
+        msg = msg + 300.0
+    else:
+        msg = msg + torch.where(torch.arange(40) < 16, -40.0, 25.0)
+    t64["message"] = msg.requires_grad_(True)
+    t = {k: None if v is None else v.detach().float().requires_grad_(True) for k, v in t64.items()}
+    out = _call(sk.prompt_add, t, 0.7, dropout_p=0.0, seed=9, backend="triton")
+    t_ex = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in t.items()}
+    exact = _reference(t_ex, 0.7, 0.0, seed=9)
+    delta = (out.double() - t_ex["target"]).detach()  # the added message alone (target is exact)
+    torch.testing.assert_close(delta, (exact - t_ex["target"]).detach(), rtol=1e-4, atol=1e-5)
+    go = torch.randn(2, 5, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    g, g_ex = _grads(out, t, go.float()), _grads(exact, t_ex, go)
+    for name in g_ex:
+        scale = g_ex[name].abs().max().item()
+        torch.testing.assert_close(g[name].double(), g_ex[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
 # ---- eager calls of the Triton backend run its launchers directly (_dispatch.eager_triton) ---------

@@ -149,8 +149,8 @@ def _record_prompt_add(quick: bool):
             with _recording(mod, "prompt_add", label) as rec:
                 out, mean, rstd, z = fwd(t(B, N, C), t(B, N, C), t(C), t(C), t(r, C), t(r), t(C, r), t(C),
                                          t(1, N, C) if deep else None, t(C) if deep else None, 0.7, p, 1e-6, 1234)
-                bwd(torch.empty_like(out), t(B, N, C), mean, rstd, z, t(C), t(C), t(r, C), t(C, r), 0.7, p,
-                    1234)
+                bwd(torch.empty_like(out), t(B, N, C), mean, rstd, z, t(C), t(C), t(r, C), t(r), t(C, r), 0.7,
+                    p, 1234)
         finally:
             mod._row_blocks = default_rows
         yield from rec

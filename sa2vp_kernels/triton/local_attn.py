@@ -792,7 +792,8 @@ def _tile_plan(gh: int, gw: int, ry: int, rx: int, extra: int, D: int, dtype: to
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
+def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=None):
+    """_tile_plan, also with the tile height forced to ``only_rows`` (None where it does not fit)."""
     if gw <= _WHOLE_ROWS_MAX_WIDTH:
         cols, x_tiles, halo_x, halo_cols = gw, 1, 0, gw
     else:
@@ -800,7 +801,7 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
         x_tiles, halo_x, halo_cols = triton.cdiv(gw, cols), rx, cols + 2 * rx
     limit = max_scores // (4 if dtype == torch.float64 else 1)
     best = None
-    for rows in range(1, gh + 1):
+    for rows in range(1, gh + 1) if only_rows is None else (min(only_rows, gh),):
         block = max(16, triton.next_power_of_2(rows * cols))
         block_halo = max(16, triton.next_power_of_2((rows + 2 * ry) * halo_cols + extra))
         if block * block_halo > limit:
@@ -829,6 +830,29 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores):
     fwd_num_warps = num_warps if dtype.itemsize >= 4 else (2 if D <= 64 else 4)
     return _TilePlan(rows, cols, x_tiles, halo_x, halo_cols, block, block_halo, block_dc, num_warps,
                      stages=2, fwd_num_warps=fwd_num_warps)
+
+
+# Forward launch configurations (tile rows, num_warps, pipelining stages; 0 keeps the default's value) that
+# bench/gpu_variants.py times at the benchmark shapes next to the default.
+TUNE_PLANS = ((1, 0, 0), (1, 4, 0), (4, 4, 0), (4, 8, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
+
+
+def tuned_tile_plan(rows: int = 0, fwd_num_warps: int = 0, stages: int = 0):
+    """A replacement of ``_tile_plan`` with the given tile height, forward warps and pipelining depth
+    (0: the default's), for tuning sweeps. A tile height whose scores would not fit gives None (the
+    window-walking kernels), as the default does for tiles that do not fit."""
+    import dataclasses
+
+    default = _tile_plan
+
+    def plan(gh, gw, ry, rx, extra, D, dtype):
+        p = (_cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES, rows) if rows
+             else default(gh, gw, ry, rx, extra, D, dtype))
+        if p is None:
+            return None
+        return dataclasses.replace(p, fwd_num_warps=fwd_num_warps or p.fwd_num_warps, stages=stages or p.stages)
+
+    return plan
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -247,26 +247,31 @@ def _bwd_rows_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, d
 # ---- rows in chunks of BLOCK_C channels -----------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
-                     uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
-                     scale_hi, scale_lo, eps_hi, eps_lo, inv_keep_hi, inv_keep_lo, threshold, key_h, key_o,
-                     HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, ACC64: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the message read three
-    times (mean, variance and down projection) and the output written chunk by chunk. The sums over
-    chunks add in fp64 under ACC64 (module docstring)."""
-    acc_ty = z_ptr.dtype.element_ty
-    # float arguments arrive as float32 pairs (_scalars.py)
-    scale = join_float(scale_hi, scale_lo, acc_ty)
-    eps = join_float(eps_hi, eps_lo, acc_ty)
-    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
-    dot_ty = message_ptr.dtype.element_ty
-    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
-    x_rows = b * stride_mb + n * stride_mn
-    rr = tl.arange(0, BLOCK_R)
-    r_ok = rr < R
+@triton.jit
+def _weight_sums(nw_ptr, nb_ptr, dw_ptr, rr, r_ok, C, acc_ty, ACC64: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """(down_weight @ norm_weight, down_weight @ norm_bias), R-vectors, in a loop of their own (inside
+    a loop over the message their tiles cost registers: 168 instead of 128 per thread for the forward
+    at C = 768, r = 16, bf16, sm_90)."""
+    g = _to_sum(tl.zeros([BLOCK_R], acc_ty), ACC64)
+    bw = _to_sum(tl.zeros([BLOCK_R], acc_ty), ACC64)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        beta = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        w = tl.load(dw_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(acc_ty)
+        g += _to_sum(tl.sum(w * gamma[None, :], axis=1), ACC64)
+        bw += _to_sum(tl.sum(w * beta[None, :], axis=1), ACC64)
+    return g, bw
 
+
+@triton.jit
+def _stats_z_three_pass(message_ptr, x_rows, row_ok, rr, r_ok, nw_ptr, nb_ptr, dw_ptr, C, eps, acc_ty, dot_ty,
+                        ACC64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mean, rstd, z - down_bias) of a token tile in three passes over the message: mean, variance,
+    then ``y = layer_norm(x)`` and ``z = y @ down_weight^T`` chunk by chunk."""
     total = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -282,8 +287,6 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
         xc = tl.where(tile_ok, x - mean[:, None], 0.0)
         total += _to_sum(tl.sum(xc * xc, axis=1), ACC64)
     rstd = 1.0 / tl.sqrt((total / C).to(acc_ty) + eps)
-    tl.store(mean_ptr + rows64, mean, mask=row_ok)
-    tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
 
     z = _to_sum(tl.zeros([BLOCK_M, BLOCK_R], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
@@ -296,8 +299,80 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
         y = tl.where(tile_ok, x - mean[:, None], 0.0) * rstd[:, None] * gamma[None, :] + beta[None, :]
         wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         z += _to_sum(tl.dot(y.to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty), ACC64)
-    h = _hidden(z.to(acc_ty), rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h,
-                DROPOUT).to(dot_ty)
+    return mean, rstd, z.to(acc_ty)
+
+
+@triton.jit
+def _stats_z_one_pass(message_ptr, x_rows, row_ok, rr, r_ok, nw_ptr, nb_ptr, dw_ptr, C, eps, acc_ty, dot_ty,
+                      ACC64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mean, rstd, z - down_bias) of a token tile in one pass over the message.
+
+    With ``s`` a per-row shift (the mean of the first chunk, close to the row's mean), ``xs = x - s``,
+    ``d = mean(xs)`` and ``g = down_weight @ gamma``, ``b = down_weight @ beta``:
+
+        var = mean(xs^2) - d^2,    z = rstd * ((xs * gamma) @ down_weight^T - d * g) + b
+
+    since ``y = (xs - d) * rstd * gamma + beta``. The shift keeps ``d`` small, so neither difference
+    cancels. The products take ``xs * gamma`` in the products' dtype (as the three passes take ``y``).
+    """
+    cols = tl.arange(0, BLOCK_C)
+    tile_ok = row_ok[:, None] & (cols < C)[None, :]
+    x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+    shift = tl.sum(x, axis=1) / tl.minimum(C, BLOCK_C)
+    s1 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
+    s2 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
+    p = _to_sum(tl.zeros([BLOCK_M, BLOCK_R], acc_ty), ACC64)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(message_ptr + x_rows[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(acc_ty)
+        xs = tl.where(tile_ok, x - shift[:, None], 0.0)
+        s1 += _to_sum(tl.sum(xs, axis=1), ACC64)
+        s2 += _to_sum(tl.sum(xs * xs, axis=1), ACC64)
+        gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+        wd_t = tl.load(dw_ptr + rr[None, :] * C + cols[:, None], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        p += _to_sum(tl.dot((xs * gamma[None, :]).to(dot_ty), wd_t, input_precision="ieee", out_dtype=acc_ty),
+                     ACC64)
+    g, bw = _weight_sums(nw_ptr, nb_ptr, dw_ptr, rr, r_ok, C, acc_ty, ACC64, BLOCK_C, BLOCK_R)
+    d = s1 / C
+    var = tl.maximum(s2 / C - d * d, 0.0)
+    mean = (shift + d).to(acc_ty)
+    rstd = 1.0 / tl.sqrt(var.to(acc_ty) + eps)
+    z = rstd.to(p.dtype)[:, None] * (p - d[:, None] * g[None, :]) + bw[None, :]
+    return mean, rstd, z.to(acc_ty)
+
+
+@triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
+def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr,
+                     uw_ptr, ub_ptr, deep_ptr, ds_ptr, M, N, C, R, stride_tb, stride_tn, stride_mb, stride_mn,
+                     scale_hi, scale_lo, eps_hi, eps_lo, inv_keep_hi, inv_keep_lo, threshold, key_h, key_o,
+                     HAS_DEEP: tl.constexpr, DROPOUT: tl.constexpr, ACC64: tl.constexpr, ONE_PASS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_fwd_kernel for rows wider than a tile: the channels in chunks of BLOCK_C, the LayerNorm
+    statistics and ``z`` in one pass over the message (ONE_PASS, the default) or in three (mean,
+    variance, down projection), then the output chunk by chunk. The sums over chunks add in fp64
+    under ACC64 (module docstring)."""
+    acc_ty = z_ptr.dtype.element_ty
+    # float arguments arrive as float32 pairs (_scalars.py)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
+    eps = join_float(eps_hi, eps_lo, acc_ty)
+    inv_keep = join_float(inv_keep_hi, inv_keep_lo, acc_ty)
+    dot_ty = message_ptr.dtype.element_ty
+    rows, row_ok, rows64, b, n = _token_rows(M, N, BLOCK_M)
+    x_rows = b * stride_mb + n * stride_mn
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+
+    if ONE_PASS:
+        mean, rstd, z = _stats_z_one_pass(message_ptr, x_rows, row_ok, rr, r_ok, nw_ptr, nb_ptr, dw_ptr, C, eps,
+                                          acc_ty, dot_ty, ACC64, BLOCK_M, BLOCK_C, BLOCK_R)
+    else:
+        mean, rstd, z = _stats_z_three_pass(message_ptr, x_rows, row_ok, rr, r_ok, nw_ptr, nb_ptr, dw_ptr, C, eps,
+                                            acc_ty, dot_ty, ACC64, BLOCK_M, BLOCK_C, BLOCK_R)
+    tl.store(mean_ptr + rows64, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
+    h = _hidden(z, rows, rows64, row_ok, rr, r_ok, z_ptr, db_ptr, R, inv_keep, threshold, key_h, DROPOUT).to(dot_ty)
 
     t_rows = b * stride_tb + n * stride_tn
     for c0 in range(0, C, BLOCK_C):
@@ -310,13 +385,19 @@ def _fwd_wide_kernel(target_ptr, message_ptr, out_ptr, mean_ptr, rstd_ptr, z_ptr
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, dw_ptr, uw_ptr, dx_ptr, gz_ptr,
-                          M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo, inv_keep_hi,
-                          inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, ACC64: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, then the LayerNorm
-    sums c1, c2 over chunks, then grad_message chunk by chunk (gy recomputed from gz). The sums over
-    chunks add in fp64 under ACC64 (module docstring)."""
+def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_ptr, nb_ptr, dw_ptr, db_ptr, uw_ptr,
+                          dx_ptr, gz_ptr, M, N, C, R, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo,
+                          inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr,
+                          ACC64: tl.constexpr, FROM_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """_bwd_rows_kernel for rows wider than a tile: gh over chunks of channels, the LayerNorm sums
+    c1 = mean(gy * gamma) and c2 = mean(gy * gamma * xhat), then grad_message chunk by chunk (gy
+    recomputed from gz). The sums over chunks add in fp64 under ACC64 (module docstring).
+
+    Under FROM_Z (the default) c1 and c2 need no pass over the message: with gy = gz @ down_weight,
+    ``C * c1 = gz . (down_weight @ gamma)`` and ``C * c2 = gz . (z - down_bias - down_weight @ beta)``,
+    because ``z = (xhat * gamma + beta) @ down_weight^T + down_bias``. Otherwise a pass over the
+    message sums them."""
     acc_ty = z_ptr.dtype.element_ty
     # float arguments arrive as float32 pairs (_scalars.py)
     scale = join_float(scale_hi, scale_lo, acc_ty)
@@ -327,6 +408,7 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
     x_rows = b * stride_mb + n * stride_mn
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
+    low_ok = row_ok[:, None] & r_ok[None, :]
 
     gh = _to_sum(tl.zeros([BLOCK_M, BLOCK_R], acc_ty), ACC64)
     for c0 in range(0, C, BLOCK_C):
@@ -336,22 +418,30 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
                       threshold, key_o, DROPOUT)
         wu = tl.load(uw_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         gh += _to_sum(tl.dot(gu.to(dot_ty), wu, input_precision="ieee", out_dtype=acc_ty), ACC64)
-    gz = _grad_hidden(gh.to(acc_ty), rows, rows64, rr, row_ok[:, None] & r_ok[None, :], z_ptr, gz_ptr, R, inv_keep,
-                      threshold, key_h, DROPOUT)
+    gz = _grad_hidden(gh.to(acc_ty), rows, rows64, rr, low_ok, z_ptr, gz_ptr, R, inv_keep, threshold, key_h,
+                      DROPOUT)
 
     mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
-    c1 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
-    c2 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        gyg, xhat = _grad_ln_terms(gz, cols, col_ok, row_ok[:, None] & col_ok[None, :], x_rows, rr, r_ok,
-                                   message_ptr, nw_ptr, dw_ptr, mean, rstd, C)
-        c1 += _to_sum(tl.sum(gyg, axis=1), ACC64)
-        c2 += _to_sum(tl.sum(gyg * xhat, axis=1), ACC64)
-    c1 = (c1 / C).to(acc_ty)
-    c2 = (c2 / C).to(acc_ty)
+    if FROM_Z:
+        g, bw = _weight_sums(nw_ptr, nb_ptr, dw_ptr, rr, r_ok, C, acc_ty, ACC64, BLOCK_C, BLOCK_R)
+        z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+        db = tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(acc_ty)
+        zc = z - db[None, :] - bw.to(acc_ty)[None, :]
+        c1 = tl.sum(gz * g.to(acc_ty)[None, :], axis=1) / C
+        c2 = tl.sum(tl.where(low_ok, gz * zc, 0.0), axis=1) / C
+    else:
+        c1 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
+        c2 = _to_sum(tl.zeros([BLOCK_M], acc_ty), ACC64)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            gyg, xhat = _grad_ln_terms(gz, cols, col_ok, row_ok[:, None] & col_ok[None, :], x_rows, rr, r_ok,
+                                       message_ptr, nw_ptr, dw_ptr, mean, rstd, C)
+            c1 += _to_sum(tl.sum(gyg, axis=1), ACC64)
+            c2 += _to_sum(tl.sum(gyg * xhat, axis=1), ACC64)
+        c1 = (c1 / C).to(acc_ty)
+        c2 = (c2 / C).to(acc_ty)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -416,6 +506,14 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
     tl.store(part_a_ptr + base + rr[:, None] * C + cols[None, :], acc_a.to(acc_ty),
              mask=r_ok[:, None] & col_ok[None, :])
     tl.store(part_b_ptr + split.to(tl.int64) * C + cols, acc_b.to(acc_ty), mask=col_ok)
+
+
+# Variants of the chunked ("wide") token-tile kernels, both on by default (bench/gpu_variants.py times
+# them against the variants they replace): the forward's LayerNorm statistics and z in one pass over the
+# message instead of three (_stats_z_one_pass), the backward's LayerNorm sums from z instead of a pass
+# over the message (_bwd_rows_wide_kernel).
+FWD_ONE_PASS = True
+BWD_FROM_Z = True
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -566,14 +664,15 @@ def prompt_add_fwd(target: torch.Tensor, message: torch.Tensor, norm_weight: tor
         target.stride(0), target.stride(1), message.stride(0), message.stride(1),
         *split_float(scale), *split_float(eps), *split_float(inv_keep), threshold, key_h, key_o, HAS_DEEP=has_deep,
         DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
-        **({"ACC64": _acc64(message.dtype)} if wide else {}))  # (whole rows: one dot, no sums over chunks)
+        # (whole rows: one dot, no sums over chunks)
+        **({"ACC64": _acc64(message.dtype), "ONE_PASS": FWD_ONE_PASS} if wide else {}))
     return out, mean, rstd, z
 
 
 def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                           z: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-                          down_weight: torch.Tensor, up_weight: torch.Tensor, scale: float, dropout_p: float,
-                          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor, scale: float,
+                          dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor, torch.Tensor]:
     B, N, C = message.shape
     M, r = B * N, down_weight.shape[0]
@@ -586,12 +685,16 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
     gz = torch.empty((M, r), dtype=stat, device=dev)
     block_m, block_c, block_r, num_warps, wide = _row_blocks(C, r, message.dtype)
     _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r, wide)
-    wrap_triton(_bwd_rows_wide_kernel if wide else _bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
-        grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, grad_message, gz, M, N, C, r,
-        grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
-        *split_float(inv_keep), threshold,
-        key_h, key_o, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
-        **({"ACC64": _acc64(message.dtype)} if wide else {}))
+    rows_args = (grad_message, gz, M, N, C, r, grad_out.stride(0), grad_out.stride(1), message.stride(0),
+                 message.stride(1), *split_float(scale), *split_float(inv_keep), threshold, key_h, key_o)
+    rows_meta = dict(DROPOUT=dropout, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+    if wide:
+        wrap_triton(_bwd_rows_wide_kernel)[(triton.cdiv(M, block_m),)](
+            grad_out, message, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, *rows_args,
+            ACC64=_acc64(message.dtype), FROM_Z=BWD_FROM_Z, **rows_meta)
+    else:
+        wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
+            grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, *rows_args, **rows_meta)
 
     # Weight gradients: channel tiles x token splits, partials added in split order.
     cols_block, rows_block, cols_warps = _cols_blocks(C, message.dtype)
