@@ -9,8 +9,9 @@ Rows:
 
 * local attention forward (1 x 768 and 12 x 64): the CUDA kernels with and without the tiled forward
   (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the launch plans of
-  ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), and with deeper
-  pipelining of the prefix queries' key loop. Diagnostic: the same layouts without a prefix token
+  ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), with deeper
+  pipelining of the prefix queries' key loop, and with the prefix queries fused into the grid tiles
+  (``FWD_FUSED_PREFIX``, also with other plans). Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED); the Triton kernels with their defaults, with the chunked
@@ -52,6 +53,11 @@ def _attention_variants():
         rows.append((label, "triton", {}, ((_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)),)))
     for stages in (3, 4):
         rows.append((f"triton prefix st{stages}", "triton", {}, ((_TLA, "_PREFIX_STAGES", stages),)))
+    fused = (_TLA, "FWD_FUSED_PREFIX", True)
+    rows.append(("triton fused", "triton", {}, (fused,)))
+    for plan in ((4, 4, 0), (1, 4, 0), (0, 4, 0)):
+        label = "triton fused " + " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
+        rows.append((label, "triton", {}, (fused, (_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)))))
     return rows
 
 
@@ -201,7 +207,7 @@ def main(argv=None) -> int:
     # Diagnostics: the cost of the prefix queries and of dropout.
     for heads, dim in layouts:
         attention(common.AttnCase(batch, heads, dim, grid=grid, window=3, num_prefix=0, border="clip", dtype=dtype),
-                  [v for v in attn_variants if v[0] in ("cuda default", "triton")])
+                  [v for v in attn_variants if v[0] in ("cuda default", "triton", "triton w4")])
     prompt_add(common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.0, dtype=dtype),
                [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton 3-pass", "unfused")],
                lambda work, case: _prompt_add_delta_errors(work, case))

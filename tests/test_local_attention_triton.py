@@ -99,6 +99,55 @@ def test_tiled_kernels_float32():
         _assert_matches_reference(q, k, v, (5, 7), 3, 1, border, tol=2e-5)
 
 
+# The forward with the prefix queries fused into the grid tiles (FWD_FUSED_PREFIX): each tile sums its
+# own keys for every prefix query, the first tile of a slice also the prefix keys; a second kernel adds
+# the tiles' parts. Cases: whole-row bands with a partial last band, 16-column tiles with halos across
+# tile edges, one tile per slice (1 x 1), several prefix tokens, chunked head dims.
+FUSED_CASES = [c for c in TILE_CASES if c[4] >= 1]
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_fused_prefix_forward_matches_reference(case, border, monkeypatch):
+    monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    B, H, grid, window, T, D = case
+    rad = window // 2
+    plan = tla._tile_plan(grid[0], grid[1], min(rad, grid[0] - 1), min(rad, grid[1] - 1), T, D, torch.float64, T)
+    # (float64 tiles hold a quarter of the scores: the 3 x 37 grid's wider tiles do not fit, and its
+    # prefix queries run as programs of their own)
+    assert (plan is None) == (grid == (3, 37))
+    assert plan is None or plan.block >= plan.rows * plan.cols + T
+    launched = []
+    real = tla._launch
+    monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=2)
+    _assert_matches_reference(q, k, v, grid, window, T, border)
+    assert (tla._fwd_prefix_combine_kernel in launched) == (plan is not None)
+    assert launched[0] == tla._local_attn_fwd_tiled_kernel
+
+
+def test_fused_prefix_float32_and_gradcheck(monkeypatch):
+    monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    q, k, v = _qkv(2, 2, 2 + 5 * 7, 40, dtype=torch.float32, seed=12)
+    for border in BORDERS:
+        _assert_matches_reference(q, k, v, (5, 7), 3, 2, border, tol=2e-5)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2 + 3 * 4, 8, seed=6))
+    assert torch.autograd.gradcheck(lambda q, k, v: fwd_op(q, k, v, 3, 4, 3, 2, True, 0.6)[0], (q, k, v),
+                                    fast_mode=True)
+
+
+def test_fused_prefix_falls_back_to_prefix_programs(monkeypatch):
+    """More prefix tokens than _FUSED_PREFIX_MAX: the prefix queries run as programs of their own."""
+    monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "_FUSED_PREFIX_MAX", 2)
+    launched = []
+    real = tla._launch
+    monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
+    q, k, v = _qkv(1, 2, 3 + 4 * 5, 8, seed=3)
+    _assert_matches_reference(q, k, v, (4, 5), 3, 3, "zero")
+    assert tla._fwd_prefix_combine_kernel not in launched
+
+
 # Window-walking fallback (taken when a tile and its halo would not fit): block sizes come from the
 # head dim; in float64, D = 8 gives 64-position blocks over a 210-position (batch * heads * grid)
 # index, D = 130 and 768 blocks of 1 to 4 positions that split slices and 3-token prefixes.
@@ -223,6 +272,15 @@ def _low_precision_check(B, H, grid, T, D, dtype, border, seed=0):
 @pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768), (3, 40)], ids=["12x64", "1x768", "3x40"])
 @pytest.mark.parametrize("border", BORDERS)
 def test_gpu_low_precision_against_float64(dtype, heads, head_dim, border):
+    _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768)], ids=["12x64", "1x768"])
+@pytest.mark.parametrize("border", BORDERS)
+def test_gpu_fused_prefix_against_float64(dtype, heads, head_dim, border, monkeypatch):
+    monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
     _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
 
 

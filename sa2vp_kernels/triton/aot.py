@@ -109,12 +109,22 @@ def _record_attention(quick: bool):
     import torch
     from . import local_attn as mod
     fwd, bwd = mod.local_attn_fwd, mod.local_attn_bwd
-    for label, B, H, gh, gw, D, T, window, dtype in _attention_cases(quick):
+    cases = _attention_cases(quick)
+    # the forward with the prefix queries fused into the grid tiles (FWD_FUSED_PREFIX), where it applies
+    fused = [(f"{c[0]} fused prefix", *c[1:]) for c in cases if 1 <= c[6] <= mod._FUSED_PREFIX_MAX
+             and "window-walking" not in c[0] and "64x64" not in c[0]]
+    default_fused = mod.FWD_FUSED_PREFIX
+    for label, B, H, gh, gw, D, T, window, dtype in cases + fused:
         N = T + gh * gw
         q, k, v = (torch.empty((B, H, N, D), dtype=dtype, device="meta") for _ in range(3))
-        with _recording(mod, "local_cross_attention", label) as rec:
-            out, lse = fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
-            bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
+        mod.FWD_FUSED_PREFIX = label.endswith("fused prefix")
+        try:
+            with _recording(mod, "local_cross_attention", label) as rec:
+                out, lse = fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
+                if not mod.FWD_FUSED_PREFIX:
+                    bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
+        finally:
+            mod.FWD_FUSED_PREFIX = default_fused
         yield from rec
 
 

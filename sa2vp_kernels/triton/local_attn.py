@@ -463,51 +463,79 @@ def _zero_border_count(y, x, rad, gh, gw):
 
 
 @triton.jit
-def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
+def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, tile,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
               H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-              ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+              ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr, FUSE_PREFIX: tl.constexpr,
               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
               STAGES: tl.constexpr):
+    """One tile of grid queries against its halo of keys.
+
+    Under FUSE_PREFIX the prefix queries ride along in spare lanes of every tile: the ``T`` lanes
+    after the tile's queries hold the prefix queries, the ``T`` lanes after the halo the prefix keys.
+    A prefix lane sees the tile's own grid keys (the halo without its border) and, in the slice's
+    first tile, the prefix keys, so the tiles of a slice split each prefix query's keys between them.
+    Each tile stores its part of every prefix query's output, normalised, and its log-sum-exp
+    (``part_o``, ``part_lse``); ``_fwd_prefix_combine_kernel`` adds them up. The prefix queries then
+    read no key or value that the tiles do not read anyway."""
     bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
     qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
     ky, kx, k_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_DC)
     q_rows = (T + qy * gw + qx).to(tl.int64)
     k_rows = (T + ky * gw + kx).to(tl.int64)
+    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
+    mask = q_ok[:, None] & k_ok[None, :] & window
+    q_in = q_ok
+    k_in = k_ok
+    if FUSE_PREFIX:
+        pq = tl.arange(0, BLOCK_Q) - rows * cols  # prefix query of each lane (valid in [0, T))
+        p_ok = (pq >= 0) & (pq < T)
+        n_tiles = tl.cdiv(gh, rows) * x_tiles
+        t = tile - bh * n_tiles  # the tile's number in its slice
+        pk = tl.arange(0, BLOCK_K) - (rows + 2 * ry) * halo_cols  # prefix key of each lane
+        pk_ok = (pk >= 0) & (pk < T) & (t == 0)
+        own = k_ok & (ky >= y0) & (ky < y0 + rows) & (kx >= x0) & (kx < x0 + cols)
+        mask = mask | (p_ok[:, None] & (own | pk_ok)[None, :])
+        q_rows = tl.where(p_ok, pq, q_rows)
+        k_rows = tl.where(pk_ok, pk, k_rows)
+        q_in = q_ok | p_ok
+        k_in = k_ok | pk_ok
     q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
     k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
     v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
     s = tl.zeros([BLOCK_Q, BLOCK_K], sc.dtype)
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
-        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
-        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        q = tl.load(q_ptrs + c, mask=q_in[:, None] & d_ok, other=0.0)
+        k = tl.load(k_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
         if FP64:
             s += tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         elif IEEE:
             s += tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s += tl.dot(q, tl.trans(k))
-    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
-    mask = q_ok[:, None] & k_ok[None, :] & window
     s = tl.where(mask, s * sc, _NEG)
     m = tl.max(s, axis=1)
     if ZERO_BORDER:
-        n_zero = _zero_border_count(qy, qx, rad, gh, gw).to(sc.dtype)
+        # (prefix lanes: no zero neighbours)
+        n_zero = tl.where(q_ok, _zero_border_count(qy, qx, rad, gh, gw), 0).to(sc.dtype)
         m = tl.where(n_zero > 0, tl.maximum(m, 0.0), m)
     p = tl.where(mask, tl.exp(s - m[:, None]), 0.0)
     l = tl.sum(p, axis=1)
     if ZERO_BORDER:
         # m >= 0 wherever n_zero > 0, so the clamp only keeps dead lanes finite.
         l += n_zero * tl.exp(tl.minimum(-m, 0.0))
-    l = tl.where(q_ok, l, 1.0)
+    l = tl.where(q_in, l, 1.0)
     p = p.to(v_ptr.dtype.element_ty)
     o_rows = bh.to(tl.int64) * N + q_rows
     o_ptrs = out_ptr + o_rows[:, None] * D + offs_d[None, :]
+    if FUSE_PREFIX:
+        part_rows = ((bh * T + pq) * n_tiles + t).to(tl.int64)
+        part_ptrs = part_o_ptr + part_rows[:, None] * D + offs_d[None, :]
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
-        v = tl.load(v_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
         if FP64:
             o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         elif IEEE:
@@ -516,30 +544,68 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile,
             o = tl.dot(p, v)
         o = o / l[:, None]
         tl.store(o_ptrs + c, o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+        if FUSE_PREFIX:
+            tl.store(part_ptrs + c, o, mask=p_ok[:, None] & d_ok)
     tl.store(lse_ptr + o_rows, m + tl.log(l), mask=q_ok)
+    if FUSE_PREFIX:
+        tl.store(part_lse_ptr + part_rows, m + tl.log(l), mask=p_ok)
 
 
 @triton.jit
-def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
                                  n_prefix_programs, scale_hi, scale_lo,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+                                 FUSE_PREFIX: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                  STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     sc = _scale(scale_hi, scale_lo, FP64)
-    if pid < n_prefix_programs:
+    if FUSE_PREFIX:
+        # (no prefix programs: the kernel holds no registers or shared memory for them)
+        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
+                  ZERO_BORDER, FP64, IEEE, True, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+    elif pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
                           BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
     else:
-        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pid - n_prefix_programs,
+        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid - n_prefix_programs,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                  ZERO_BORDER, FP64, IEEE, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                  ZERO_BORDER, FP64, IEEE, False, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+
+
+@triton.jit
+def _fwd_prefix_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T, n_tiles,
+                               D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Prefix query ``pid % T`` of slice ``pid // T``: its tiles' parts (``_fwd_tile`` under
+    FUSE_PREFIX) weighted by ``exp(lse_t - lse)``, ``lse = log(sum_t exp(lse_t))``, in tile order."""
+    pid = tl.program_id(0)
+    bh = pid // T
+    i = pid - bh * T
+    ts = tl.arange(0, BLOCK_T)
+    t_ok = ts < n_tiles
+    base = pid.to(tl.int64) * n_tiles
+    lse_t = tl.load(part_lse_ptr + base + ts, mask=t_ok, other=_NEG)
+    m = tl.max(lse_t, axis=0)
+    w = tl.where(t_ok, tl.exp(lse_t - m), 0.0)
+    total = tl.sum(w, axis=0)
+    w = w / total
+    offs_d = tl.arange(0, BLOCK_DC)
+    row = bh.to(tl.int64) * N + i
+    for c in range(0, D, BLOCK_DC):
+        d_ok = c + offs_d < D
+        o_t = tl.load(part_o_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
+                      mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.sum(w[:, None] * o_t, axis=0)
+        tl.store(out_ptr + row * D + c + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(lse_ptr + row, m + tl.log(total))
 
 
 @triton.jit
@@ -779,20 +845,26 @@ class _TilePlan:
 # Pipelining depth of the prefix queries' loops over key blocks next to the tiled kernels: the few
 # prefix programs are the longest, so they keep more loads in flight.
 _PREFIX_STAGES = 2
+# The forward's prefix queries ride in spare lanes of the grid tiles (_fwd_tile, FUSE_PREFIX) for up to
+# this many prefix tokens; more of them, or FWD_FUSED_PREFIX off, run as programs of their own.
+FWD_FUSED_PREFIX = False
+_FUSED_PREFIX_MAX = 8
 # Grids up to this wide are tiled in whole rows; wider ones in 16-column tiles.
 _WHOLE_ROWS_MAX_WIDTH = 32
 # Scores a program holds (tile lanes x halo lanes): beyond this the window-walking kernels run.
 _MAX_TILE_SCORES = 8192
 
 
-def _tile_plan(gh: int, gw: int, ry: int, rx: int, extra: int, D: int, dtype: torch.dtype):
+def _tile_plan(gh: int, gw: int, ry: int, rx: int, extra: int, D: int, dtype: torch.dtype, extra_q: int = 0):
     """Pick the tile height that wastes the fewest masked scores per grid position (ties: the
-    taller tile). ``extra`` halo lanes are reserved for the prefix queries. None: no tile fits."""
-    return _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES)
+    taller tile). ``extra`` halo lanes and ``extra_q`` tile lanes are reserved for the prefix queries
+    (the key-centric backward) or the prefix keys and queries (the forward with fused prefix
+    queries). None: no tile fits."""
+    return _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES, None, extra_q)
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=None):
+def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=None, extra_q=0):
     """_tile_plan, also with the tile height forced to ``only_rows`` (None where it does not fit)."""
     if gw <= _WHOLE_ROWS_MAX_WIDTH:
         cols, x_tiles, halo_x, halo_cols = gw, 1, 0, gw
@@ -802,7 +874,7 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=Non
     limit = max_scores // (4 if dtype == torch.float64 else 1)
     best = None
     for rows in range(1, gh + 1) if only_rows is None else (min(only_rows, gh),):
-        block = max(16, triton.next_power_of_2(rows * cols))
+        block = max(16, triton.next_power_of_2(rows * cols + extra_q))
         block_halo = max(16, triton.next_power_of_2((rows + 2 * ry) * halo_cols + extra))
         if block * block_halo > limit:
             break
@@ -845,9 +917,9 @@ def tuned_tile_plan(rows: int = 0, fwd_num_warps: int = 0, stages: int = 0):
 
     default = _tile_plan
 
-    def plan(gh, gw, ry, rx, extra, D, dtype):
-        p = (_cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES, rows) if rows
-             else default(gh, gw, ry, rx, extra, D, dtype))
+    def plan(gh, gw, ry, rx, extra, D, dtype, extra_q=0):
+        p = (_cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES, rows, extra_q) if rows
+             else default(gh, gw, ry, rx, extra, D, dtype, extra_q))
         if p is None:
             return None
         return dataclasses.replace(p, fwd_num_warps=fwd_num_warps or p.fwd_num_warps, stages=stages or p.stages)
@@ -901,19 +973,37 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
     ry, rx = min(rad, grid_h - 1), min(rad, grid_w - 1)
     n_prefix_programs = B * H * num_prefix
     cfg = _fwd_config(D, q.dtype)
-    plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
-    args = (q, k, v, out, lse, *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, ry, rx)
+    plan = None
+    if FWD_FUSED_PREFIX and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
+        plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
+    fused = plan is not None
+    if not fused:
+        plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
+    args = (q, k, v, out, lse)
+    strides = (*_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, ry, rx)
     common = dict(ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, BLOCK_N=cfg.block_n,
                   D=D, BLOCK_D=cfg.block_d)
     if plan is not None:
+        tiles = plan.tiles(grid_h)
+        if fused:
+            part_o = torch.empty((B * H * num_prefix * tiles, D), dtype=lse.dtype, device=q.device)
+            part_lse = torch.empty((B * H * num_prefix * tiles,), dtype=lse.dtype, device=q.device)
+            n_prefix_programs = 0
+        else:
+            part_o = part_lse = lse  # (not used)
         _launch(
-            _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * plan.tiles(grid_h),), *args,
-            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
-            *split_float(scale), **common, IEEE=q.dtype == torch.float32, BLOCK_Q=plan.block,
+            _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * tiles,), *args, part_o, part_lse,
+            *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
+            *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
         )
+        if fused:
+            block_t = triton.next_power_of_2(tiles)
+            _launch(_fwd_prefix_combine_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
+                    tiles, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
     else:
+        args = (*args, *strides)
         bhg = B * H * grid_h * grid_w
         _launch(
             _local_attn_fwd_kernel, (n_prefix_programs + triton.cdiv(bhg, cfg.block_q),), *args,
