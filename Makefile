@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sa2vp-installed
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-cuda-sanitizers demo demo-kernels bench gpu-check clean
+.PHONY: install test test-cuda-sanitizers demo demo-kernels bench gpu-check gpu-tune clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench: install
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+gpu-tune:
+	bash bench/gpu_tune.sh
 
 clean:
 	rm -rf build *.egg-info sa2vp_kernels/*.so $(VENV)
