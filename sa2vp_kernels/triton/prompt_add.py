@@ -592,13 +592,15 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
     return block_m, block_c, block_r, num_warps, wide
 
 
-# Launch configurations (BLOCK_M, num_warps, BLOCK_C; 0 keeps the default's value, BLOCK_C -1 means whole rows) that
-# the "tune" section of bench/run_gpu.py times at the benchmark shape (B=64, N=197, C=768, r=16, bfloat16), the
-# default among them. A BLOCK_C below the row width runs the chunked kernels: at that shape the whole-row tile takes
-# 224 registers per thread (one 8-warp program per SM), a 256-channel chunk with 8 warps 80 (the forward) and 104 (the
-# backward rows). Each compiles for sm_90 without spills (python -m sa2vp_kernels.triton.aot compiles them all,
-# tests/test_triton_aot.py).
-TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 8, 256), (16, 2, 128))
+# Launch configurations (BLOCK_M, num_warps, BLOCK_C; 0 keeps the default's value, BLOCK_C -1 means whole rows)
+# that the "tune" section of bench/run_gpu.py and bench/gpu_variants.py time at the benchmark shape (B=64,
+# N=197, C=768, r=16, bfloat16), the default among them. A BLOCK_C below the row width runs the chunked
+# kernels. Every program reads the weights from L2 (72 KiB at that shape with the one-pass forward's weight
+# sums: about as much as its 16 rows of target, message and output); 32 rows per program halve those
+# reads. Each compiles for sm_90
+# without spills (python -m sa2vp_kernels.triton.aot compiles them all, tests/test_triton_aot.py).
+TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 8, 256), (16, 2, 128), (32, 4, 128),
+                (32, 8, 128))
 
 
 def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
