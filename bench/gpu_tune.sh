@@ -7,7 +7,8 @@
 #   3. the extension is built in place (skipped with SA2VP_SKIP_BUILD=1);
 #   4. raw op calls with bad arguments, each in its own process (scripts/diag_bad_args.py), and the
 #      GPU tests that need the extension (SA2VP_TUNE_TESTS_EXT);
-#   5. the CUDA variants (bench/gpu_variants.py --providers cuda).
+#   5. the CUDA variants (bench/gpu_variants.py --providers cuda);
+#   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
 # <device>-<date>-variants-{triton,cuda}.json. A short table of every timing is printed last.
 #
@@ -82,6 +83,12 @@ run_tests extension 120 "${tests[@]}"
 stamp "== CUDA variants"
 "$PY" bench/gpu_variants.py --providers cuda --tag cuda --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-cuda.log" 2>&1
 summary+=("cuda variants: rc $?")
+
+if [ "${SA2VP_TUNE_NCU:-0}" = "1" ]; then
+  stamp "== Nsight Compute counters of the forwards"
+  timeout 300 "$PY" scripts/kernel_metrics.py >"$OUT/kernel-metrics.log" 2>&1
+  summary+=("kernel metrics: rc $? (kernel-metrics.log)")
+fi
 
 stamp "== summary ($OUT)"
 printf '%s\n' "${summary[@]}"
