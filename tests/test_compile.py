@@ -49,10 +49,19 @@ def test_inductor_forward_and_backward_match_eager():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variants", [False, True], ids=["defaults", "chunked-rows-fused-prefix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_inductor_with_the_triton_kernels_matches_eager(dtype):
+def test_inductor_with_the_triton_kernels_matches_eager(dtype, variants, monkeypatch):
     """Inductor compiles user Triton kernels itself (from their source, with its own argument
-    signature): the compiled function and its gradients must still match eager, float64 included."""
+    signature): the compiled function and its gradients must still match eager, float64 included.
+    Also with prompt_add's rows chunked (16 channels: its one-pass forward and backward from z) and
+    the attention's prefix queries fused into the grid tiles (two kernels and two workspaces)."""
+    if variants:
+        from sa2vp_kernels.triton import local_attn as tla
+        from sa2vp_kernels.triton import prompt_add as tpa
+        monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+        monkeypatch.setattr(tpa, "_WIDE_SHARED", 0)
+        monkeypatch.setattr(tpa, "_CHUNK_SHARED", 16 * 16 * 2)
     g = torch.Generator(device="cuda").manual_seed(1)
     B, N, C, r = 2, 7, 40, 3
 
