@@ -10,7 +10,8 @@
 #   5. the CUDA variants (bench/gpu_variants.py --providers cuda);
 #   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
-# <device>-<date>-variants-{triton,cuda}.json. A short table of every timing is printed last.
+# <device>-<date>-variants-{triton,cuda}.json. bench/variants_summary.py prints every timing last,
+# per case against the default and the targets.
 #
 #   bash bench/gpu_tune.sh          # or: make gpu-tune
 #
@@ -93,5 +94,5 @@ fi
 stamp "== summary ($OUT)"
 printf '%s\n' "${summary[@]}"
 cut -c1-140 "$OUT/diag-bad-args.log" | grep -E "rc=" | head -n 8
-grep -h -E " ms | ERROR " "$OUT/variants-triton.log" "$OUT/variants-cuda.log" \
-  | sed -E 's/ +/ /g; s/ w3 clip bfloat16//; s/ bfloat16//' | cut -c1-120
+grep -h -E " ERROR " "$OUT/variants-triton.log" "$OUT/variants-cuda.log" | cut -c1-160
+"$PY" bench/variants_summary.py "$OUT"/*-variants-*.json | tee "$OUT/variants-summary.txt" | cut -c1-150

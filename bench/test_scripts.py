@@ -216,3 +216,19 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     assert len(records) == 4 and all(r["ms"] > 0 for r in records)  # p = 0.1 and the p = 0 diagnostic
     with pytest.raises(SystemExit):
         gpu_variants.main(["--tiny", "--providers", "cuda,nope"])
+
+
+def test_variants_summary_ranks_and_checks_targets():
+    """bench/variants_summary.py: fastest first, ratios against each provider's default, the 60 % and
+    2.5x targets of the forwards."""
+    import variants_summary
+
+    case = "B64 N197 C768 r16 p0.1 bfloat16"
+    rec = [{"section": "prompt_add", "case": case, "pass": "fwd", "variant": v, "provider": p, "ms": ms,
+            "bw_frac": f} for v, p, ms, f in (("triton", "triton", 0.04, 0.35), ("triton m32", "triton", 0.02, 0.7),
+                                                ("unfused", "unfused", 0.09, 0.15))]
+    lines = variants_summary.summarize(rec)
+    assert lines[0] == f"prompt_add {case} fwd"
+    assert [ln.split()[0:2] for ln in lines[1:]] == [["triton", "m32"], ["triton", "0.0400"], ["unfused", "0.0900"]]
+    assert "2.00x default" in lines[1] and "MEETS 60 %" in lines[1] and "4.50x unfused (MEETS 2.5x)" in lines[1]
+    assert "below 60 %" in lines[2] and "2.25x unfused (below 2.5x)" in lines[2]
