@@ -11,7 +11,8 @@ Rows:
   (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the launch plans of
   ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), with deeper
   pipelining of the prefix queries' key loop, and with the prefix queries fused into the grid tiles
-  (``FWD_FUSED_PREFIX``, also with other plans). Diagnostic: the same layouts without a prefix token
+  (``FWD_FUSED_PREFIX``, also with other plans), and with the values loaded early (``FWD_EARLY_V``, one
+  head-dim chunk: 12 x 64). Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED); the Triton kernels with their defaults, with the chunked
@@ -54,10 +55,15 @@ def _attention_variants():
     for stages in (3, 4):
         rows.append((f"triton prefix st{stages}", "triton", {}, ((_TLA, "_PREFIX_STAGES", stages),)))
     fused = (_TLA, "FWD_FUSED_PREFIX", True)
+    early = (_TLA, "FWD_EARLY_V", True)
+    rows.append(("triton early-v", "triton", {}, (early,)))
     rows.append(("triton fused", "triton", {}, (fused,)))
+    rows.append(("triton fused early-v", "triton", {}, (fused, early)))
     for plan in ((4, 4, 0), (1, 4, 0), (0, 4, 0)):
         label = "triton fused " + " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
         rows.append((label, "triton", {}, (fused, (_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)))))
+    rows.append(("triton fused early-v rows4 w4", "triton", {},
+                 (fused, early, (_TLA, "_tile_plan", lambda m: m.tuned_tile_plan(4, 4, 0)))))
     return rows
 
 

@@ -136,6 +136,20 @@ def test_fused_prefix_float32_and_gradcheck(monkeypatch):
                                     fast_mode=True)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["prefix-programs", "fused-prefix"])
+@pytest.mark.parametrize("border", BORDERS)
+def test_early_values_match_reference(border, fused, monkeypatch):
+    """FWD_EARLY_V: the values loaded with the queries and keys (head dims of one chunk)."""
+    monkeypatch.setattr(tla, "FWD_EARLY_V", True)
+    monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", fused)
+    for B, H, grid, window, T, D in [(3, 2, (5, 7), 3, 1, 8), (1, 1, (3, 37), 5, 2, 24)]:
+        rad = window // 2
+        plan = tla._tile_plan(grid[0], grid[1], min(rad, grid[0] - 1), min(rad, grid[1] - 1), 0, D, torch.float32)
+        assert D <= plan.block_dc  # (the early loads apply; float32: chunks of 16 or 32)
+        q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, dtype=torch.float32, seed=4)
+        _assert_matches_reference(q, k, v, grid, window, T, border, tol=2e-5)
+
+
 def test_fused_prefix_falls_back_to_prefix_programs(monkeypatch):
     """More prefix tokens than _FUSED_PREFIX_MAX: the prefix queries run as programs of their own."""
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
@@ -281,6 +295,7 @@ def test_gpu_low_precision_against_float64(dtype, heads, head_dim, border):
 @pytest.mark.parametrize("border", BORDERS)
 def test_gpu_fused_prefix_against_float64(dtype, heads, head_dim, border, monkeypatch):
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "FWD_EARLY_V", True)  # (12 x 64: one chunk)
     _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
 
 

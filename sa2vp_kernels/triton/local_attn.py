@@ -467,8 +467,8 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
               H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
               ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr, FUSE_PREFIX: tl.constexpr,
-              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
-              STAGES: tl.constexpr):
+              EARLY_V: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+              BLOCK_DC: tl.constexpr, STAGES: tl.constexpr):
     """One tile of grid queries against its halo of keys.
 
     Under FUSE_PREFIX the prefix queries ride along in spare lanes of every tile: the ``T`` lanes
@@ -477,7 +477,10 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     first tile, the prefix keys, so the tiles of a slice split each prefix query's keys between them.
     Each tile stores its part of every prefix query's output, normalised, and its log-sum-exp
     (``part_o``, ``part_lse``); ``_fwd_prefix_combine_kernel`` adds them up. The prefix queries then
-    read no key or value that the tiles do not read anyway."""
+    read no key or value that the tiles do not read anyway.
+
+    EARLY_V (head dims of one chunk only): the values are loaded with the queries and keys, so that
+    their latency overlaps the scores' instead of following the softmax."""
     bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
     qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
     ky, kx, k_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_K)
@@ -504,6 +507,8 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
     k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
     v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
+    if EARLY_V:
+        v_early = tl.load(v_ptrs, mask=k_in[:, None] & (offs_d < D)[None, :], other=0.0)
     s = tl.zeros([BLOCK_Q, BLOCK_K], sc.dtype)
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
@@ -535,7 +540,10 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
         part_ptrs = part_o_ptr + part_rows[:, None] * D + offs_d[None, :]
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
-        v = tl.load(v_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
+        if EARLY_V:
+            v = v_early  # (D <= BLOCK_DC: the one chunk)
+        else:
+            v = tl.load(v_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
         if FP64:
             o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         elif IEEE:
@@ -557,7 +565,7 @@ def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_p
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
                                  n_prefix_programs, scale_hi, scale_lo,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
-                                 FUSE_PREFIX: tl.constexpr,
+                                 FUSE_PREFIX: tl.constexpr, EARLY_V: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                  STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
@@ -568,7 +576,7 @@ def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_p
         _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                  ZERO_BORDER, FP64, IEEE, True, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                  ZERO_BORDER, FP64, IEEE, True, EARLY_V, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
     elif pid < n_prefix_programs:
         bh = pid // T
         _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
@@ -578,7 +586,7 @@ def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_p
         _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid - n_prefix_programs,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                  ZERO_BORDER, FP64, IEEE, False, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                  ZERO_BORDER, FP64, IEEE, False, EARLY_V, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
 
 
 @triton.jit
@@ -849,6 +857,9 @@ _PREFIX_STAGES = 2
 # this many prefix tokens; more of them, or FWD_FUSED_PREFIX off, run as programs of their own.
 FWD_FUSED_PREFIX = False
 _FUSED_PREFIX_MAX = 8
+# The tiled forward loads the values with the queries and keys where the head dim is one chunk
+# (_fwd_tile, EARLY_V); off by default until timed on a GPU (it holds the value tile through the softmax).
+FWD_EARLY_V = False
 # Grids up to this wide are tiled in whole rows; wider ones in 16-column tiles.
 _WHOLE_ROWS_MAX_WIDTH = 32
 # Scores a program holds (tile lanes x halo lanes): beyond this the window-walking kernels run.
@@ -994,7 +1005,8 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
         _launch(
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * tiles,), *args, part_o, part_lse,
             *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
-            *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused, BLOCK_Q=plan.block,
+            *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused,
+            EARLY_V=FWD_EARLY_V and D <= plan.block_dc, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
         )
