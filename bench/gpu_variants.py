@@ -16,8 +16,9 @@ Rows:
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED); the Triton kernels with their defaults, with the chunked
-  rows' statistics in three passes over the message (``FWD_ONE_PASS`` / ``BWD_FROM_Z`` off) and with
-  the launch configurations of ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the
+  rows' statistics in three passes over the message (``FWD_ONE_PASS`` / ``BWD_FROM_Z`` off), with the
+  parameter gradients from PyTorch ops (``BWD_FINALIZE_KERNEL`` off) and with the launch
+  configurations of ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the
   same without dropout (p = 0), with the error of the added term against a float64 reference.
 
 The attention rows report the error of the output against the float64 reference (bench/common.py);
@@ -73,6 +74,7 @@ def _prompt_add_variants():
         ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}, ()),  # the default
         ("triton", "triton", {}, ()),
         ("triton 3-pass", "triton", {}, ((_TPA, "FWD_ONE_PASS", False), (_TPA, "BWD_FROM_Z", False))),
+        ("triton torch-sums", "triton", {}, ((_TPA, "BWD_FINALIZE_KERNEL", False),)),
     ]
     from sa2vp_kernels.triton import prompt_add as tpa
     for cfg in tpa.TUNE_CONFIGS:

@@ -654,11 +654,13 @@ def test_triton_check_fits_names_the_limit(monkeypatch):
 def wide_triton(monkeypatch, request):
     """The Triton prompt_add with every row chunked into 16 channels (C = 40: two full chunks and a
     partial one), so the interpreter runs the wide kernels at small shapes; with the forward's
-    statistics in one pass and the backward's LayerNorm sums from z (the defaults), or both over the
-    message."""
+    statistics in one pass, the backward's LayerNorm sums from z and its parameter gradients from one
+    kernel (the defaults), or the statistics and sums over the message and the parameter gradients from
+    PyTorch ops."""
     from sa2vp_kernels.triton import prompt_add as tp
     monkeypatch.setattr(tp, "FWD_ONE_PASS", request.param)
     monkeypatch.setattr(tp, "BWD_FROM_Z", request.param)
+    monkeypatch.setattr(tp, "BWD_FINALIZE_KERNEL", request.param)
     monkeypatch.setattr(tp, "_WIDE_SHARED", 0)
     monkeypatch.setattr(tp, "_CHUNK_SHARED", 16 * 16 * 2)  # (16 + 16) x 16 channels of 1 byte: 16 channels
     assert tp._row_blocks(40, 3, torch.float64)[1::3] == (16, True)

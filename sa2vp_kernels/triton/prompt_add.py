@@ -453,8 +453,8 @@ def _bwd_rows_wide_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, nw_p
 
 
 @triton.jit(do_not_specialize=["threshold", "key_h", "key_o"])
-def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr, M,
-                     N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo,
+def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, part_w_ptr, part_a_ptr, part_b_ptr,
+                     part_gz_ptr, M, N, C, R, rows_per_split, stride_gb, stride_gn, stride_mb, stride_mn, scale_hi, scale_lo,
                      inv_keep_hi, inv_keep_lo, threshold, key_h, key_o, DROPOUT: tl.constexpr, ACC64: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     acc_ty = z_ptr.dtype.element_ty
@@ -472,6 +472,7 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
     acc_w = _to_sum(tl.zeros((BLOCK_C, BLOCK_R), dtype=acc_ty), ACC64)  # gu^T @ h
     acc_a = _to_sum(tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_ty), ACC64)  # gz^T @ xhat
     acc_b = _to_sum(tl.zeros((BLOCK_C,), dtype=acc_ty), ACC64)          # sum of gu
+    acc_gz = _to_sum(tl.zeros((BLOCK_R,), dtype=acc_ty), ACC64)         # sum of gz (stored by column tile 0)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, end, BLOCK_M):
@@ -494,6 +495,7 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
                          ACC64)
         acc_b += _to_sum(tl.sum(gu, axis=0), ACC64)
         gz = tl.load(gz_ptr + rows64[:, None] * R + rr[None, :], mask=low_ok, other=0.0)
+        acc_gz += _to_sum(tl.sum(gz, axis=0), ACC64)
         x = tl.load(message_ptr + (b * stride_mb + n * stride_mn)[:, None] + cols[None, :], mask=tile_ok, other=0.0)
         mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
@@ -506,6 +508,49 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
     tl.store(part_a_ptr + base + rr[:, None] * C + cols[None, :], acc_a.to(acc_ty),
              mask=r_ok[:, None] & col_ok[None, :])
     tl.store(part_b_ptr + split.to(tl.int64) * C + cols, acc_b.to(acc_ty), mask=col_ok)
+    tl.store(part_gz_ptr + split.to(tl.int64) * R + rr, acc_gz.to(acc_ty), mask=r_ok & (pid_c == 0))
+
+
+@triton.jit
+def _bwd_finalize_kernel(part_w_ptr, part_a_ptr, part_b_ptr, part_gz_ptr, nw_ptr, nb_ptr, dw_ptr, g_nw_ptr, g_nb_ptr,
+                         g_dw_ptr, g_db_ptr, g_uw_ptr, g_ub_ptr, splits, C, R, ACC64: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The parameter gradients of a channel tile from the token splits' partials (added in split order):
+    grad_up_weight = sum W, grad_up_bias = sum b, with A = sum A_s and gdb = sum gz_s (= grad_down_bias),
+    grad_down_weight = A * norm_weight + gdb (x) norm_bias, grad_norm_weight = sum_j down_weight * A,
+    grad_norm_bias = gdb @ down_weight; written in the parameters' dtype."""
+    acc_ty = part_w_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    cr_ok = col_ok[:, None] & r_ok[None, :]
+    rc_ok = r_ok[:, None] & col_ok[None, :]
+    w = _to_sum(tl.zeros((BLOCK_C, BLOCK_R), dtype=acc_ty), ACC64)
+    a = _to_sum(tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_ty), ACC64)
+    b = _to_sum(tl.zeros((BLOCK_C,), dtype=acc_ty), ACC64)
+    gdb = _to_sum(tl.zeros((BLOCK_R,), dtype=acc_ty), ACC64)
+    for s in range(0, splits):
+        s64 = tl.zeros([], tl.int64) + s
+        base = s64 * C * R
+        w += _to_sum(tl.load(part_w_ptr + base + cols[:, None] * R + rr[None, :], mask=cr_ok, other=0.0), ACC64)
+        a += _to_sum(tl.load(part_a_ptr + base + rr[:, None] * C + cols[None, :], mask=rc_ok, other=0.0), ACC64)
+        b += _to_sum(tl.load(part_b_ptr + s64 * C + cols, mask=col_ok, other=0.0), ACC64)
+        gdb += _to_sum(tl.load(part_gz_ptr + s64 * R + rr, mask=r_ok, other=0.0), ACC64)
+    a = a.to(acc_ty)
+    gdb = gdb.to(acc_ty)
+    gamma = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    beta = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    wd = tl.load(dw_ptr + rr[:, None] * C + cols[None, :], mask=rc_ok, other=0.0).to(acc_ty)
+    out_ty = g_uw_ptr.dtype.element_ty
+    tl.store(g_uw_ptr + cols[:, None] * R + rr[None, :], w.to(acc_ty).to(out_ty), mask=cr_ok)
+    tl.store(g_ub_ptr + cols, b.to(acc_ty).to(out_ty), mask=col_ok)
+    tl.store(g_dw_ptr + rr[:, None] * C + cols[None, :],
+             (a * gamma[None, :] + gdb[:, None] * beta[None, :]).to(out_ty), mask=rc_ok)
+    tl.store(g_nw_ptr + cols, tl.sum(wd * a, axis=0).to(out_ty), mask=col_ok)
+    tl.store(g_nb_ptr + cols, tl.sum(gdb[:, None] * wd, axis=0).to(out_ty), mask=col_ok)
+    tl.store(g_db_ptr + rr, gdb.to(out_ty), mask=r_ok & (pid == 0))
 
 
 # Variants of the chunked ("wide") token-tile kernels, both on by default (bench/gpu_variants.py times
@@ -514,6 +559,9 @@ def _bwd_cols_kernel(grad_ptr, message_ptr, mean_ptr, rstd_ptr, z_ptr, gz_ptr, p
 # over the message (_bwd_rows_wide_kernel).
 FWD_ONE_PASS = True
 BWD_FROM_Z = True
+# The backward's parameter gradients from the token splits' partials in one kernel (_bwd_finalize_kernel)
+# instead of about twenty small PyTorch ops (sums over the splits and over the tokens, casts, products).
+BWD_FINALIZE_KERNEL = True
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -706,12 +754,21 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
     part_w = torch.empty((splits, C, r), dtype=stat, device=dev)
     part_a = torch.empty((splits, r, C), dtype=stat, device=dev)
     part_b = torch.empty((splits, C), dtype=stat, device=dev)
+    part_gz = torch.empty((splits, r), dtype=stat, device=dev)
     wrap_triton(_bwd_cols_kernel)[(triton.cdiv(C, cols_block), splits)](
-        grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, M, N, C, r, rows_per_split,
+        grad_out, message, mean, rstd, z, gz, part_w, part_a, part_b, part_gz, M, N, C, r, rows_per_split,
         grad_out.stride(0), grad_out.stride(1), message.stride(0), message.stride(1), *split_float(scale),
         *split_float(inv_keep), threshold,
         key_h, key_o, DROPOUT=dropout, ACC64=_acc64(message.dtype), BLOCK_M=rows_block, BLOCK_C=cols_block,
         BLOCK_R=block_r, num_warps=cols_warps)
+    dt = message.dtype
+    if BWD_FINALIZE_KERNEL:
+        grads = [torch.empty(shape, dtype=dt, device=dev) for shape in ((C,), (C,), (r, C), (r,), (C, r), (C,))]
+        fin_block = min(64, max(16, triton.next_power_of_2(C)))
+        wrap_triton(_bwd_finalize_kernel)[(triton.cdiv(C, fin_block),)](
+            part_w, part_a, part_b, part_gz, norm_weight, norm_bias, down_weight, *grads, splits, C, r,
+            ACC64=_acc64(dt), BLOCK_C=fin_block, BLOCK_R=block_r, num_warps=4)
+        return (grad_message, *grads)
     grad_up_weight = part_w.sum(0)
     grad_up_bias = part_b.sum(0)
     a = part_a.sum(0)
@@ -720,7 +777,6 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
     grad_down_weight = a * gamma + grad_down_bias[:, None] * beta
     grad_norm_weight = (wd * a).sum(0)
     grad_norm_bias = grad_down_bias @ wd
-    dt = message.dtype
     return (grad_message, grad_norm_weight.to(dt), grad_norm_bias.to(dt), grad_down_weight.to(dt),
             grad_down_bias.to(dt), grad_up_weight.to(dt), grad_up_bias.to(dt))
 
