@@ -15,7 +15,8 @@ Rows:
   head-dim chunk: 12 x 64). Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
-  forward (SA2VP_CUDA_PROMPT_ADD_STAGED); the Triton kernels with their defaults, with the chunked
+  forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
+  (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0); the Triton kernels with their defaults, with the chunked
   rows' statistics in three passes over the message (``FWD_ONE_PASS`` / ``BWD_FROM_Z`` off), with the
   parameter gradients from PyTorch ops (``BWD_FINALIZE_KERNEL`` off) and with the launch
   configurations of ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the
@@ -72,6 +73,7 @@ def _prompt_add_variants():
     rows = [
         ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}, ()),
         ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}, ()),  # the default
+        ("cuda aten-sums", "cuda", {"SA2VP_CUDA_PROMPT_ADD_FINALIZE": "0"}, ()),
         ("triton", "triton", {}, ()),
         ("triton 3-pass", "triton", {}, ((_TPA, "FWD_ONE_PASS", False), (_TPA, "BWD_FROM_Z", False))),
         ("triton torch-sums", "triton", {}, ((_TPA, "BWD_FINALIZE_KERNEL", False),)),

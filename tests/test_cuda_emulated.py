@@ -374,6 +374,34 @@ def test_prompt_add_staged_forward_is_bitwise_the_default(emu, monkeypatch, case
         assert not a.isnan().any() and torch.equal(a, b)
 
 
+# The backward's parameter gradients from the finalize kernel (the default) and from ATen ops on the
+# partials (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0): the same sums in another order. Cases: ViT-B sizes with
+# many token splits, r = 64 (two passes of the columns kernel), r = 1, one row, and r = 130 (past the
+# finalize kernel's 128 lanes: ATen ops either way), each also against the CPU kernels.
+FINALIZE_CASES = [PROMPT_ADD[6], PROMPT_ADD[8], PROMPT_ADD[10], PROMPT_ADD[9], (2, 3, 40, 130, 0.3, True, "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", FINALIZE_CASES, ids=_pa_id)
+def test_prompt_add_finalize_kernel_matches_aten_sums(emu, monkeypatch, case, dtype):
+    low, cpu = _as(dtype, *_pa_inputs(case, seed=3))
+    layout = case[6]
+    results, launches = [], []
+    for fin in ("1", "0"):
+        monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_FINALIZE", fin)
+        before = emu.stats().tolist()
+        results.append(_pa_both(emu, case, low, layout))
+        launches.append(emu.stats().tolist()[0] - before[0])  # kernel launches
+    # the finalize kernel is one more launch, where the rank fits its lanes
+    assert launches[0] - launches[1] == (1 if case[3] <= 128 else 0), launches
+    want = _pa_both(CPU_OPS, case, cpu, layout)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for i, (a, b, c) in enumerate(zip(*results, want)):
+        scale = c.abs().max().item() + 1e-30
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=f"output {i}")
+    _check(results[0], want, dtype, f"prompt_add finalize {_pa_id(case)}")
+
+
 class _EmuPromptAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ops, p, target, message, nw, nb, dw, db, uw, ub, deep, ds):

@@ -1,6 +1,7 @@
 """Variants of the CUDA kernels selected by environment variables (SA2VP_CUDA_PROMPT_ADD_STAGED,
 SA2VP_CUDA_ATTN_TILED), on a GPU: each must give the same bits
-as the default kernel (same sums in the same order). The CPU emulator runs the same comparisons
+as the default kernel (same sums in the same order); SA2VP_CUDA_PROMPT_ADD_FINALIZE (the same sums in
+another order) the same values to rounding. The CPU emulator runs the same comparisons
 (tests/test_cuda_emulated.py); these check the compiled kernels on the hardware."""
 import pytest
 import torch
@@ -62,3 +63,37 @@ def test_local_attention_tiled_forward_is_bitwise_the_default(monkeypatch, B, H,
     torch.cuda.synchronize()
     for a, b in zip(*results):
         assert a.isfinite().all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,N,C,r,dtype,p", [
+    (64, 197, 768, 16, torch.bfloat16, 0.1),   # the benchmark shape: 128 token splits
+    (3, 50, 40, 3, torch.float32, 0.0),
+    (2, 33, 1024, 64, torch.float32, 0.3),     # r = 64: two passes of the columns kernel
+    (5, 7, 33, 130, torch.float64, 0.2),       # r past the finalize kernel's lanes: ATen ops either way
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_prompt_add_finalize_kernel_matches_aten_sums(monkeypatch, B, N, C, r, dtype, p):
+    """SA2VP_CUDA_PROMPT_ADD_FINALIZE: the parameter gradients from one kernel (default) or from ATen ops
+    on the same partials; the same sums in another order."""
+    _needs_cuda_kernels()
+    g = torch.Generator(device="cuda").manual_seed(6)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+    target, message = rn(B, N, C), rn(B, N, C)
+    weights = (1 + rn(C, scale=0.1), rn(C, scale=0.1), rn(r, C, scale=C ** -0.5), rn(r, scale=0.1),
+               rn(C, r, scale=r ** -0.5), rn(C, scale=0.1))
+    out, mean, rstd, z = torch.ops.sa2vp_kernels.prompt_add_fwd(target, message, *weights, None, None, 0.5, p,
+                                                                1e-6, 9)
+    go = rn(B, N, C)
+    results = []
+    for fin in ("1", "0"):
+        monkeypatch.setenv("SA2VP_CUDA_PROMPT_ADD_FINALIZE", fin)
+        results.append(torch.ops.sa2vp_kernels.prompt_add_bwd(go, message, mean, rstd, z, weights[0], weights[1],
+                                                              weights[2], weights[4], 0.5, p, 9))
+    assert torch.equal(results[0][0], results[1][0])  # grad_message: the same kernel
+    for i, (a, b) in enumerate(zip(results[0][1:], results[1][1:])):
+        assert a.dtype == dtype and a.shape == b.shape and torch.isfinite(a).all()
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * b.double().abs().max().item(),
+                                   msg=lambda m: f"parameter gradient {i}: {m}")

@@ -21,10 +21,11 @@
 //     z); gz = drop'(gh) * gelu'(z) (saved, fp32); gy = gz @ down_weight (as the forward's u); the
 //     LayerNorm backward gives grad_message;
 //   * columns kernel: one thread per channel, token splits in blockIdx.y, sums over tokens of
-//     gu^T @ h, gu and A = gz^T @ xhat in registers; the split partials are then added by ATen sums
-//     in a fixed order (deterministic, no atomics). The parameter gradients follow from them:
-//     grad_down_weight = A * norm_weight + sum(gz) (x) norm_bias, grad_norm_weight = sum_j
-//     down_weight * A, grad_norm_bias = sum(gz) @ down_weight.
+//     gu^T @ h, gu, A = gz^T @ xhat (and gz) in registers, one partial per split;
+//   * finalize kernel: the split partials added in split order (deterministic, no atomics), and the
+//     parameter gradients from them: grad_down_weight = A * norm_weight + sum(gz) (x) norm_bias,
+//     grad_norm_weight = sum_j down_weight * A, grad_norm_bias = sum(gz) @ down_weight (with
+//     SA2VP_CUDA_PROMPT_ADD_FINALIZE=0, ATen ops on the partials instead).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -429,8 +430,10 @@ struct BwdParams {
   T* dx;          // (M, C)
   acc_t<T>* gz;   // (M, r)
   acc_t<T>* part_w;  // (splits, C, r)
-  acc_t<T>* part_a;  // (splits, r, C)
+  acc_t<T>* part_a;  // (splits, C, r) with the finalize kernel, else (splits, r, C)
   acc_t<T>* part_b;  // (splits, C)
+  acc_t<T>* part_gz;  // (splits, r): sums of gz over each split (written by the blocks of channel tile 0)
+  bool part_a_cr;     // part_a in (C, r) order (the finalize kernel's)
   int64_t M, grad_sb, grad_sn, msg_sb, msg_sn, rows_per_split;
   int N, C, r;
   acc_t<T> scale, inv_keep;
@@ -606,7 +609,7 @@ __global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<
   const int64_t end = std::min(start + p.rows_per_split, p.M);
   const A s_keep = p.scale * p.inv_keep;
   for (int j0 = 0; j0 < r; j0 += JT) {
-    A acc_w[JT], acc_a[JT], acc_b = 0;
+    A acc_w[JT], acc_a[JT], acc_b = 0, acc_gz = 0;
 #pragma unroll
     for (int jj = 0; jj < JT; ++jj) {
       acc_w[jj] = 0;
@@ -639,6 +642,9 @@ __global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<
         xoff_s[row] = b * p.msg_sb + n * p.msg_sn;
       }
       __syncthreads();
+      if (blockIdx.x == 0 && tid < JT) {  // the split's sum of gz, in token order (rows past the end hold 0)
+        for (int row = 0; row < kColsTile; ++row) acc_gz += gzs[row][tid];
+      }
       if (c < p.C) {
         const int rows = static_cast<int>(std::min<int64_t>(kColsTile, end - m0));
         for (int row0 = 0; row0 < rows; row0 += U) {
@@ -674,11 +680,87 @@ __global__ void __launch_bounds__(kColsThreads) bwd_cols_kernel(const BwdParams<
         const int j = j0 + jj;
         if (j < r) {
           p.part_w[base + static_cast<int64_t>(c) * r + j] = acc_w[jj];
-          p.part_a[base + static_cast<int64_t>(j) * p.C + c] = acc_a[jj];
+          p.part_a[base + (p.part_a_cr ? static_cast<int64_t>(c) * r + j : static_cast<int64_t>(j) * p.C + c)] =
+              acc_a[jj];
         }
       }
       if (j0 == 0) p.part_b[static_cast<int64_t>(split) * p.C + c] = acc_b;
     }
+    if (blockIdx.x == 0 && tid < JT && j0 + tid < r) p.part_gz[static_cast<int64_t>(split) * r + j0 + tid] = acc_gz;
+  }
+}
+
+template <typename T>
+struct FinParams {
+  const acc_t<T>* part_w;   // (splits, C, r)
+  const acc_t<T>* part_a;   // (splits, C, r)
+  const acc_t<T>* part_b;   // (splits, C)
+  const acc_t<T>* part_gz;  // (splits, r)
+  const T* gamma;
+  const T* beta;
+  const T* wd;  // (r, C)
+  T* g_nw;      // (C,)
+  T* g_nb;      // (C,)
+  T* g_dw;      // (r, C)
+  T* g_db;      // (r,)
+  T* g_uw;      // (C, r)
+  T* g_ub;      // (C,)
+  int splits, C, r, r_pad;
+};
+
+// The parameter gradients from the token splits' partials, in one kernel instead of about twenty ATen
+// ops. Thread (channel c, rank j) of a block of kColsThreads / r_pad channels sums W and A over the
+// splits in split order (coalesced: both partials are (C, r) per split), writes grad_up_weight[c, j] and
+// grad_down_weight[j, c] = A * gamma[c] + gdb[j] * beta[c] (gdb = grad_down_bias, summed over the splits
+// by the block first), and its terms of grad_norm_weight[c] = sum_j down_weight[j, c] * A[j, c] and
+// grad_norm_bias[c] = sum_j gdb[j] * down_weight[j, c], which the block adds in rank order.
+template <typename T>
+__global__ void __launch_bounds__(kColsThreads) bwd_finalize_kernel(const FinParams<T> p) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* gdb = reinterpret_cast<A*>(smem_raw);  // (r,)
+  A* t_nw = gdb + p.r;                      // (channels per block, r_pad)
+  A* t_nb = t_nw + kColsThreads;
+  const int tid = threadIdx.x, r = p.r, C = p.C;
+  const int64_t cr = static_cast<int64_t>(C) * r;
+  for (int j = tid; j < r; j += blockDim.x) {
+    A s = 0;
+    for (int sp = 0; sp < p.splits; ++sp) s += p.part_gz[static_cast<int64_t>(sp) * r + j];
+    gdb[j] = s;
+    if (blockIdx.x == 0) p.g_db[j] = static_cast<T>(s);
+  }
+  __syncthreads();
+  const int per_block = kColsThreads / p.r_pad;
+  const int cl = tid / p.r_pad, j = tid % p.r_pad;
+  const int c = blockIdx.x * per_block + cl;
+  A tn = 0, tb = 0;
+  if (c < C && j < r) {
+    const int64_t e = static_cast<int64_t>(c) * r + j;
+    A w = 0, a = 0;
+    for (int sp = 0; sp < p.splits; ++sp) {
+      w += p.part_w[sp * cr + e];
+      a += p.part_a[sp * cr + e];
+    }
+    p.g_uw[e] = static_cast<T>(w);
+    const A wdj = static_cast<A>(p.wd[static_cast<int64_t>(j) * C + c]);
+    p.g_dw[static_cast<int64_t>(j) * C + c] =
+        static_cast<T>(a * static_cast<A>(p.gamma[c]) + gdb[j] * static_cast<A>(p.beta[c]));
+    tn = wdj * a;
+    tb = gdb[j] * wdj;
+  }
+  t_nw[tid] = tn;
+  t_nb[tid] = tb;
+  __syncthreads();
+  if (c < C && j == 0) {
+    A nw = 0, nb = 0, ub = 0;
+    for (int jj = 0; jj < r; ++jj) {
+      nw += t_nw[cl * p.r_pad + jj];
+      nb += t_nb[cl * p.r_pad + jj];
+    }
+    for (int sp = 0; sp < p.splits; ++sp) ub += p.part_b[static_cast<int64_t>(sp) * C + c];
+    p.g_nw[c] = static_cast<T>(nw);
+    p.g_nb[c] = static_cast<T>(nb);
+    p.g_ub[c] = static_cast<T>(ub);
   }
 }
 
@@ -727,6 +809,13 @@ using Dropout = DropoutParams;
 // every launch, so that a benchmark can time both in one process.
 bool staged_forward() {
   const char* v = std::getenv("SA2VP_CUDA_PROMPT_ADD_STAGED");
+  return v == nullptr || !(v[0] == '0' && v[1] == '\0');
+}
+
+// The backward's parameter gradients come from bwd_finalize_kernel (one launch) unless
+// SA2VP_CUDA_PROMPT_ADD_FINALIZE=0 (then from ATen ops on the partials). Read at every launch.
+bool finalize_kernel() {
+  const char* v = std::getenv("SA2VP_CUDA_PROMPT_ADD_FINALIZE");
   return v == nullptr || !(v[0] == '0' && v[1] == '\0');
 }
 
@@ -893,9 +982,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(kColsSplits, (M + kColsMinRows - 1) / kColsMinRows));
   const int64_t rows_per_split = ((M + splits0 - 1) / splits0 + kColsTile - 1) / kColsTile * kColsTile;
   const int64_t splits = (M + rows_per_split - 1) / rows_per_split;
+  // (the finalize kernel holds a block's channels times the rank padded to a power of two)
+  int64_t r_pad = 1;
+  while (r_pad < r) r_pad *= 2;
+  const bool fin = finalize_kernel() && r_pad <= kColsThreads;
   at::Tensor part_w = at::empty({splits, C, r}, sopts);
-  at::Tensor part_a = at::empty({splits, r, C}, sopts);
+  at::Tensor part_a = fin ? at::empty({splits, C, r}, sopts) : at::empty({splits, r, C}, sopts);
   at::Tensor part_b = at::empty({splits, C}, sopts);
+  at::Tensor part_gz = at::empty({splits, r}, sopts);
+  const auto dt = message.scalar_type();
+  at::Tensor g_nw, g_nb, g_dw, g_db, g_uw, g_ub;
+  if (fin) {
+    const auto opts = message.options();
+    g_nw = at::empty({C}, opts);
+    g_nb = at::empty({C}, opts);
+    g_dw = at::empty({r, C}, opts);
+    g_db = at::empty({r}, opts);
+    g_uw = at::empty({C, r}, opts);
+    g_ub = at::empty({C}, opts);
+  }
   const Dropout drop(dropout_p, seed);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, message.scalar_type(), "prompt_add_bwd_cuda", [&] {
@@ -914,6 +1019,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.part_w = part_w.data_ptr<A>();
     p.part_a = part_a.data_ptr<A>();
     p.part_b = part_b.data_ptr<A>();
+    p.part_gz = part_gz.data_ptr<A>();
+    p.part_a_cr = fin;
     p.M = M;
     p.grad_sb = grad_out.stride(0);
     p.grad_sn = grad_out.stride(1);
@@ -948,14 +1055,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     } else {
       launch_bwd_cols<scalar_t, 32>(p, static_cast<int>(splits), stream);
     }
+    if (fin) {
+      FinParams<scalar_t> f;
+      f.part_w = part_w.data_ptr<A>();
+      f.part_a = part_a.data_ptr<A>();
+      f.part_b = part_b.data_ptr<A>();
+      f.part_gz = part_gz.data_ptr<A>();
+      f.gamma = nw.data_ptr<scalar_t>();
+      f.beta = nb.data_ptr<scalar_t>();
+      f.wd = dw.data_ptr<scalar_t>();
+      f.g_nw = g_nw.data_ptr<scalar_t>();
+      f.g_nb = g_nb.data_ptr<scalar_t>();
+      f.g_dw = g_dw.data_ptr<scalar_t>();
+      f.g_db = g_db.data_ptr<scalar_t>();
+      f.g_uw = g_uw.data_ptr<scalar_t>();
+      f.g_ub = g_ub.data_ptr<scalar_t>();
+      f.splits = static_cast<int>(splits);
+      f.C = static_cast<int>(C);
+      f.r = static_cast<int>(r);
+      f.r_pad = static_cast<int>(r_pad);
+      const int64_t per_block = kColsThreads / r_pad;
+      const int64_t blocks = (C + per_block - 1) / per_block;
+      const size_t smem = static_cast<size_t>(r + 2 * kColsThreads) * sizeof(A);
+      bwd_finalize_kernel<scalar_t><<<static_cast<unsigned>(blocks), kColsThreads, smem, stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
+  if (fin) return {grad_message, g_nw, g_nb, g_dw, g_db, g_uw, g_ub};
   // Parameter gradients from the split partials (ATen sums: fixed order, deterministic).
   const at::Tensor up_w = part_w.sum(0), up_b = part_b.sum(0), a = part_a.sum(0), down_b = gz.sum(0);
   const at::Tensor gamma = nw.to(stat), beta = nb.to(stat), wd = dw.to(stat);
   const at::Tensor down_w = a * gamma.unsqueeze(0) + down_b.unsqueeze(1) * beta.unsqueeze(0);
-  const at::Tensor g_nw = (wd * a).sum(0), g_nb = at::matmul(down_b, wd);
-  const auto dt = message.scalar_type();
-  return {grad_message, g_nw.to(dt), g_nb.to(dt), down_w.to(dt), down_b.to(dt), up_w.to(dt), up_b.to(dt)};
+  const at::Tensor g_nw_a = (wd * a).sum(0), g_nb_a = at::matmul(down_b, wd);
+  return {grad_message, g_nw_a.to(dt), g_nb_a.to(dt), down_w.to(dt), down_b.to(dt), up_w.to(dt), up_b.to(dt)};
 }
 
 }  // namespace
