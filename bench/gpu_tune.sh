@@ -6,7 +6,8 @@
 #   2. the GPU tests of the variants not yet on by default and of recent changes (Triton only);
 #   3. the extension is built in place (skipped with SA2VP_SKIP_BUILD=1);
 #   4. raw op calls with bad arguments, each in its own process (scripts/diag_bad_args.py), and the
-#      GPU tests that need the extension (SA2VP_TUNE_TESTS_EXT);
+#      GPU tests that need the extension (SA2VP_TUNE_TESTS_EXT; by default the bad-argument test, the
+#      CUDA variants' tests and the CUDA prompt_add tests);
 #   5. the CUDA variants (bench/gpu_variants.py --providers cuda);
 #   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
@@ -80,6 +81,7 @@ else
   tests=(tests/test_local_attention_cuda.py::test_bad_arguments_raise tests/test_cuda_variants_gpu.py)
 fi
 run_tests extension 120 "${tests[@]}"
+[ -z "${SA2VP_TUNE_TESTS_EXT:-}" ] && run_tests cuda-prompt-add 120 tests/test_prompt_add.py -k cuda
 
 stamp "== CUDA variants"
 "$PY" bench/gpu_variants.py --providers cuda --tag cuda --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-cuda.log" 2>&1
