@@ -50,7 +50,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")'
 
 stamp "== Triton variants"
-"$PY" bench/gpu_variants.py --providers triton,unfused --tag triton --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-triton.log" 2>&1
+timeout 330 "$PY" bench/gpu_variants.py --providers triton,unfused --tag triton --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-triton.log" 2>&1
 summary+=("triton variants: rc $?")
 
 stamp "== GPU tests (Triton)"
@@ -84,7 +84,7 @@ run_tests extension 120 "${tests[@]}"
 [ -z "${SA2VP_TUNE_TESTS_EXT:-}" ] && run_tests cuda-prompt-add 120 tests/test_prompt_add.py -k cuda
 
 stamp "== CUDA variants"
-"$PY" bench/gpu_variants.py --providers cuda --tag cuda --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-cuda.log" 2>&1
+timeout 150 "$PY" bench/gpu_variants.py --providers cuda --tag cuda --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-cuda.log" 2>&1
 summary+=("cuda variants: rc $?")
 
 if [ "${SA2VP_TUNE_NCU:-0}" = "1" ]; then

@@ -917,7 +917,7 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=Non
 
 # Forward launch configurations (tile rows, num_warps, pipelining stages; 0 keeps the default's value) that
 # bench/gpu_variants.py times at the benchmark shapes next to the default.
-TUNE_PLANS = ((1, 0, 0), (1, 4, 0), (4, 4, 0), (4, 8, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
+TUNE_PLANS = ((1, 4, 0), (4, 4, 0), (4, 8, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
 
 
 def tuned_tile_plan(rows: int = 0, fwd_num_warps: int = 0, stages: int = 0):
