@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Kernel variants and targeted GPU checks in one go, for choosing defaults on a lent GPU (about 5
-# minutes on an H200, the build included); the full benchmark is bench/gpu_check.sh.
+# Kernel variants and targeted GPU checks in one go, for choosing defaults on a lent GPU (planned for
+# about 9 minutes on an H200, the build included); the full benchmark is bench/gpu_check.sh.
 #   1. the Triton variants and the unfused baseline (bench/gpu_variants.py --providers triton,unfused):
 #      they need no compiled extension, so they run before the build;
 #   2. the GPU tests of the variants not yet on by default and of recent changes (Triton only);
