@@ -11,8 +11,9 @@ Rows:
   (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the launch plans of
   ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), with deeper
   pipelining of the prefix queries' key loop, and with the prefix queries fused into the grid tiles
-  (``FWD_FUSED_PREFIX``, also with other plans), and with the values loaded early (``FWD_EARLY_V``, one
-  head-dim chunk: 12 x 64). Diagnostic: the same layouts without a prefix token
+  (``FWD_FUSED_PREFIX``, also with other plans; ``BWD_FUSED_PREFIX`` the same for the backward's dq), and
+  with the values loaded early (``FWD_EARLY_V``, one head-dim chunk: 12 x 64). The defaults and the fused
+  variants also forward + backward. Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
@@ -66,7 +67,12 @@ def _attention_variants():
         rows.append((label, "triton", {}, (fused, (_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)))))
     rows.append(("triton fused early-v rows4 w4", "triton", {},
                  (fused, early, (_TLA, "_tile_plan", lambda m: m.tuned_tile_plan(4, 4, 0)))))
+    rows.append(("triton fused fwd+dq", "triton", {}, (fused, (_TLA, "BWD_FUSED_PREFIX", True))))
     return rows
+
+
+# Attention variants also timed forward + backward (the others: forward only).
+_ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq")
 
 
 def _prompt_add_variants():
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
 
     def attention(case, variants):
         for label, provider, env, patches in variants:
-            row("attention", case, label, provider, env, patches, ("fwd",),
+            passes = ("fwd", "fwd+bwd") if label in _ATTENTION_FWD_BWD else ("fwd",)
+            row("attention", case, label, provider, env, patches, passes,
                 lambda p, c: common.attention_workload(p, c, device,
                                                        n_sets=common.rotation(3 * c.tensor_bytes(), device)),
                 common.attention_errors)

@@ -193,7 +193,8 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     from sa2vp_kernels.triton import local_attn as tla
     from sa2vp_kernels.triton import prompt_add as tpa
 
-    defaults = (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.FWD_EARLY_V, tpa._row_blocks,
+    defaults = (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
+                tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL)
     attention, prompt_add = gpu_variants._attention_variants(), gpu_variants._prompt_add_variants()
     for section in (attention, prompt_add):
@@ -207,7 +208,8 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
                     assert value(14, 14, 1, 1, 0, 64, torch.bfloat16) is not None, label
                 elif attr == "_row_blocks":
                     assert len(value(768, 16, torch.bfloat16)) == 5, label
-        assert (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.FWD_EARLY_V, tpa._row_blocks,
+        assert (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
+                tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL) == defaults
     assert gpu_variants.main(["--tiny", "--providers", "unfused", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-variants.json")

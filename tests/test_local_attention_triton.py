@@ -99,17 +99,18 @@ def test_tiled_kernels_float32():
         _assert_matches_reference(q, k, v, (5, 7), 3, 1, border, tol=2e-5)
 
 
-# The forward with the prefix queries fused into the grid tiles (FWD_FUSED_PREFIX): each tile sums its
-# own keys for every prefix query, the first tile of a slice also the prefix keys; a second kernel adds
-# the tiles' parts. Cases: whole-row bands with a partial last band, 16-column tiles with halos across
+# The forward and the backward's dq with the prefix queries fused into the grid tiles (FWD_FUSED_PREFIX,
+# BWD_FUSED_PREFIX): each tile sums its own keys for every prefix query, the first tile of a slice also
+# the prefix keys; a second kernel adds the tiles' parts. Cases: whole-row bands with a partial last band, 16-column tiles with halos across
 # tile edges, one tile per slice (1 x 1), several prefix tokens, chunked head dims.
 FUSED_CASES = [c for c in TILE_CASES if c[4] >= 1]
 
 
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
-def test_fused_prefix_forward_matches_reference(case, border, monkeypatch):
+def test_fused_prefix_matches_reference(case, border, monkeypatch):
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "BWD_FUSED_PREFIX", True)
     B, H, grid, window, T, D = case
     rad = window // 2
     plan = tla._tile_plan(grid[0], grid[1], min(rad, grid[0] - 1), min(rad, grid[1] - 1), T, D, torch.float64, T)
@@ -123,11 +124,13 @@ def test_fused_prefix_forward_matches_reference(case, border, monkeypatch):
     q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=2)
     _assert_matches_reference(q, k, v, grid, window, T, border)
     assert (tla._fwd_prefix_combine_kernel in launched) == (plan is not None)
+    assert (tla._sum_parts_kernel in launched) == (plan is not None)
     assert launched[0] == tla._local_attn_fwd_tiled_kernel
 
 
 def test_fused_prefix_float32_and_gradcheck(monkeypatch):
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "BWD_FUSED_PREFIX", True)
     q, k, v = _qkv(2, 2, 2 + 5 * 7, 40, dtype=torch.float32, seed=12)
     for border in BORDERS:
         _assert_matches_reference(q, k, v, (5, 7), 3, 2, border, tol=2e-5)
@@ -153,13 +156,14 @@ def test_early_values_match_reference(border, fused, monkeypatch):
 def test_fused_prefix_falls_back_to_prefix_programs(monkeypatch):
     """More prefix tokens than _FUSED_PREFIX_MAX: the prefix queries run as programs of their own."""
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "BWD_FUSED_PREFIX", True)
     monkeypatch.setattr(tla, "_FUSED_PREFIX_MAX", 2)
     launched = []
     real = tla._launch
     monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
     q, k, v = _qkv(1, 2, 3 + 4 * 5, 8, seed=3)
     _assert_matches_reference(q, k, v, (4, 5), 3, 3, "zero")
-    assert tla._fwd_prefix_combine_kernel not in launched
+    assert tla._fwd_prefix_combine_kernel not in launched and tla._sum_parts_kernel not in launched
 
 
 # Window-walking fallback (taken when a tile and its halo would not fit): block sizes come from the
@@ -295,6 +299,7 @@ def test_gpu_low_precision_against_float64(dtype, heads, head_dim, border):
 @pytest.mark.parametrize("border", BORDERS)
 def test_gpu_fused_prefix_against_float64(dtype, heads, head_dim, border, monkeypatch):
     monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
+    monkeypatch.setattr(tla, "BWD_FUSED_PREFIX", True)
     monkeypatch.setattr(tla, "FWD_EARLY_V", True)  # (12 x 64: one chunk)
     _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
 

@@ -115,19 +115,18 @@ def _record_attention(quick: bool):
     fused = [(f"{c[0]} fused prefix", *c[1:]) for c in cases if 1 <= c[6] <= mod._FUSED_PREFIX_MAX
              and "window-walking" not in c[0] and "64x64" not in c[0]]
     fused += [(f"{c[0]} fused prefix early-v", *c[1:]) for c in cases if c[0].startswith("bench")]
-    defaults = (mod.FWD_FUSED_PREFIX, mod.FWD_EARLY_V)
+    defaults = (mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V)
     for label, B, H, gh, gw, D, T, window, dtype in cases + fused:
         N = T + gh * gw
         q, k, v = (torch.empty((B, H, N, D), dtype=dtype, device="meta") for _ in range(3))
-        mod.FWD_FUSED_PREFIX = "fused prefix" in label
+        mod.FWD_FUSED_PREFIX = mod.BWD_FUSED_PREFIX = "fused prefix" in label
         mod.FWD_EARLY_V = label.endswith("early-v")
         try:
             with _recording(mod, "local_cross_attention", label) as rec:
                 out, lse = fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
-                if not mod.FWD_FUSED_PREFIX:
-                    bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
+                bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
         finally:
-            mod.FWD_FUSED_PREFIX, mod.FWD_EARLY_V = defaults
+            mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V = defaults
         yield from rec
 
 

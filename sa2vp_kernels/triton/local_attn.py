@@ -617,19 +617,43 @@ def _fwd_prefix_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T,
 
 
 @triton.jit
-def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, tile,
+def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr, tile,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son,
                  H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                 FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 FP64: tl.constexpr, IEEE: tl.constexpr, FUSE_PREFIX: tl.constexpr, BLOCK_Q: tl.constexpr,
                  BLOCK_K: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
                  STAGES: tl.constexpr):
-    """delta and dq for a tile of grid queries: dS = P (dO V^T - delta), dq = scale dS K."""
+    """delta and dq for a tile of grid queries: dS = P (dO V^T - delta), dq = scale dS K.
+
+    Under FUSE_PREFIX the prefix queries ride along as in the forward (``_fwd_tile``): each tile adds
+    the terms of its own keys (and, the slice's first tile, of the prefix keys) to every prefix
+    query's dq, stores that part (``part_dq``), and ``_sum_parts_kernel`` adds the parts up. The
+    first tile also stores the prefix queries' delta (the key-centric kernel reads it)."""
     bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
     qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
     ky, kx, k_ok = _patch_lanes(y0 - ry, x0 - halo_x, rows + 2 * ry, halo_cols, gh, gw, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_DC)
     q_rows = (T + qy * gw + qx).to(tl.int64)
     k_rows = (T + ky * gw + kx).to(tl.int64)
+    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
+    mask = q_ok[:, None] & k_ok[None, :] & window
+    q_in = q_ok
+    k_in = k_ok
+    delta_ok = q_ok
+    if FUSE_PREFIX:
+        pq = tl.arange(0, BLOCK_Q) - rows * cols
+        p_ok = (pq >= 0) & (pq < T)
+        n_tiles = tl.cdiv(gh, rows) * x_tiles
+        t = tile - bh * n_tiles
+        pk = tl.arange(0, BLOCK_K) - (rows + 2 * ry) * halo_cols
+        pk_ok = (pk >= 0) & (pk < T) & (t == 0)
+        own = k_ok & (ky >= y0) & (ky < y0 + rows) & (kx >= x0) & (kx < x0 + cols)
+        mask = mask | (p_ok[:, None] & (own | pk_ok)[None, :])
+        q_rows = tl.where(p_ok, pq, q_rows)
+        k_rows = tl.where(pk_ok, pk, k_rows)
+        q_in = q_ok | p_ok
+        k_in = k_ok | pk_ok
+        delta_ok = q_ok | (p_ok & (t == 0))
     q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
     do_ptrs = do_ptr + (_slice_base(bh, H, sdob, sdoh) + q_rows * sdon)[:, None] + offs_d[None, :]
     o_ptrs = o_ptr + (_slice_base(bh, H, sob, soh) + q_rows * son)[:, None] + offs_d[None, :]
@@ -640,11 +664,11 @@ def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
     delta = tl.zeros([BLOCK_Q], sc.dtype)
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
-        q = tl.load(q_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
-        o = tl.load(o_ptrs + c, mask=q_ok[:, None] & d_ok, other=0.0)
-        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        q = tl.load(q_ptrs + c, mask=q_in[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs + c, mask=q_in[:, None] & d_ok, other=0.0)
+        o = tl.load(o_ptrs + c, mask=q_in[:, None] & d_ok, other=0.0)
+        k = tl.load(k_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
+        v = tl.load(v_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
         delta += tl.sum(do.to(sc.dtype) * o.to(sc.dtype), axis=1)
         if FP64:
             s += tl.sum(q[:, None, :] * k[None, :, :], axis=2)
@@ -656,16 +680,16 @@ def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
             s += tl.dot(q, tl.trans(k))
             dp += tl.dot(do, tl.trans(v))
     rows_out = bh.to(tl.int64) * N + q_rows
-    tl.store(delta_ptr + rows_out, delta, mask=q_ok)
-    lse = tl.load(lse_ptr + rows_out, mask=q_ok, other=0.0)
-    window = (tl.abs(ky[None, :] - qy[:, None]) <= ry) & (tl.abs(kx[None, :] - qx[:, None]) <= rx)
-    mask = q_ok[:, None] & k_ok[None, :] & window
+    tl.store(delta_ptr + rows_out, delta, mask=delta_ok)
+    lse = tl.load(lse_ptr + rows_out, mask=q_in, other=0.0)
     p = tl.where(mask, tl.exp(s * sc - lse[:, None]), 0.0)
     ds = (p * (dp - delta[:, None])).to(k_ptr.dtype.element_ty)
     dq_ptrs = dq_ptr + rows_out[:, None] * D + offs_d[None, :]
+    if FUSE_PREFIX:
+        part_ptrs = part_dq_ptr + ((bh * T + pq) * n_tiles + t).to(tl.int64)[:, None] * D + offs_d[None, :]
     for c in tl.range(0, D, BLOCK_DC, num_stages=STAGES):
         d_ok = (c + offs_d < D)[None, :]
-        k = tl.load(k_ptrs + c, mask=k_ok[:, None] & d_ok, other=0.0)
+        k = tl.load(k_ptrs + c, mask=k_in[:, None] & d_ok, other=0.0)
         if FP64:
             dq = tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
         elif IEEE:
@@ -673,32 +697,60 @@ def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
         else:
             dq = tl.dot(ds, k)
         tl.store(dq_ptrs + c, (dq * sc).to(dq_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+        if FUSE_PREFIX:
+            tl.store(part_ptrs + c, dq * sc, mask=p_ok[:, None] & d_ok)
 
 
 @triton.jit
-def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr,
                                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                     sdob, sdoh, sdon, sob, soh, son,
                                     H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
                                     n_prefix_programs, scale_hi, scale_lo,
-                                    FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                                    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                                    FP64: tl.constexpr, IEEE: tl.constexpr, FUSE_PREFIX: tl.constexpr,
+                                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                     STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     sc = _scale(scale_hi, scale_lo, FP64)
-    if pid < n_prefix_programs:
+    if FUSE_PREFIX:
+        _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr,
+                     pid, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     sdob, sdoh, sdon, sob, soh, son, H, N, T, gh, gw, ry, rx,
+                     rows, cols, x_tiles, halo_x, halo_cols, sc,
+                     FP64, IEEE, True, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+    elif pid < n_prefix_programs:
         bh = pid // T
         _bwd_dq_prefix_query(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
                              bh, pid - bh * T, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                              sdob, sdoh, sdon, sob, soh, son, H, N, sc,
                              BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
     else:
-        _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
+        _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr,
                      pid - n_prefix_programs, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      sdob, sdoh, sdon, sob, soh, son, H, N, T, gh, gw, ry, rx,
                      rows, cols, x_tiles, halo_x, halo_cols, sc,
-                     FP64, IEEE, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                     FP64, IEEE, False, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, N, T, n_tiles, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_DC: tl.constexpr):
+    """Row ``pid % T`` of slice ``pid // T`` of ``out``: the sum of its tiles' parts (``_bwd_dq_tile``
+    under FUSE_PREFIX)."""
+    pid = tl.program_id(0)
+    bh = pid // T
+    i = pid - bh * T
+    ts = tl.arange(0, BLOCK_T)
+    t_ok = ts < n_tiles
+    base = pid.to(tl.int64) * n_tiles
+    offs_d = tl.arange(0, BLOCK_DC)
+    row = bh.to(tl.int64) * N + i
+    for c in range(0, D, BLOCK_DC):
+        d_ok = c + offs_d < D
+        parts = tl.load(part_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        tl.store(out_ptr + row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -860,6 +912,9 @@ _FUSED_PREFIX_MAX = 8
 # The tiled forward loads the values with the queries and keys where the head dim is one chunk
 # (_fwd_tile, EARLY_V); off by default until timed on a GPU (it holds the value tile through the softmax).
 FWD_EARLY_V = False
+# The backward's dq kernel takes the prefix queries into the grid tiles the same way (_bwd_dq_tile,
+# FUSE_PREFIX; off by default until timed on a GPU).
+BWD_FUSED_PREFIX = False
 # Grids up to this wide are tiled in whole rows; wider ones in 16-column tiles.
 _WHOLE_ROWS_MAX_WIDTH = 32
 # Scores a program holds (tile lanes x halo lanes): beyond this the window-walking kernels run.
@@ -1060,18 +1115,31 @@ def local_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ieee = q.dtype == torch.float32
     shape_args = (H, N, num_prefix, grid_h, grid_w, ry, rx)
 
-    plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
-    args = (q, k, v, grad_out, out, lse, delta, dq, *_strides(q, k, v, grad_out, out), *shape_args)
+    plan = None
+    if BWD_FUSED_PREFIX and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
+        plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
+    fused = plan is not None
+    if not fused:
+        plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
+    args = (q, k, v, grad_out, out, lse, delta, dq)
+    strides = (*_strides(q, k, v, grad_out, out), *shape_args)
     common = dict(FP64=fp64, BLOCK_N=cfg.block_n, D=D, BLOCK_D=cfg.block_d)
     if plan is not None:
+        tiles = plan.tiles(grid_h)
+        part_dq = torch.empty((bht * tiles, D), dtype=acc_dtype, device=q.device) if fused else delta
         _launch(
-            _local_attn_bwd_dq_tiled_kernel, (bht + B * H * plan.tiles(grid_h),), *args,
-            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, bht, *split_float(scale),
-            **common, IEEE=ieee, BLOCK_Q=plan.block, BLOCK_K=plan.block_halo,
-            BLOCK_DC=plan.block_dc, STAGES=plan.stages, PREFIX_STAGES=_PREFIX_STAGES,
+            _local_attn_bwd_dq_tiled_kernel, ((0 if fused else bht) + B * H * tiles,), *args, part_dq, *strides,
+            plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, 0 if fused else bht,
+            *split_float(scale), **common, IEEE=ieee, FUSE_PREFIX=fused, BLOCK_Q=plan.block,
+            BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages, PREFIX_STAGES=_PREFIX_STAGES,
             num_warps=plan.num_warps,
         )
+        if fused:
+            block_t = triton.next_power_of_2(tiles)
+            _launch(_sum_parts_kernel, (bht,), part_dq, dq, N, num_prefix, tiles, D=D, BLOCK_T=block_t,
+                    BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
     else:
+        args = (*args, *strides)
         _launch(
             _local_attn_bwd_dq_kernel, (bht + triton.cdiv(bhg, cfg.block_q),), *args,
             bht, bhg, *split_float(scale), **common, BLOCK_Q=cfg.block_q, STAGES=cfg.stages,
