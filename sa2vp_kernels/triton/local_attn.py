@@ -463,6 +463,26 @@ def _zero_border_count(y, x, rad, gh, gw):
 
 
 @triton.jit
+def _prefix_lanes(tile, bh, y0, x0, ky, kx, q_ok, k_ok, mask, q_rows, k_rows, T, gh, rows, cols, x_tiles, ry,
+                  halo_cols, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The prefix queries and keys in the spare lanes of a tile (FUSE_PREFIX, see ``_fwd_tile``): the
+    ``T`` lanes after the tile's queries are prefix queries ``pq``, the ``T`` lanes after its halo prefix
+    keys (in the slice's first tile only). A prefix lane sees the tile's own grid keys and those prefix
+    keys. Returns the mask and the q/k rows and validity with those lanes added, the lanes' prefix
+    query and validity, the tile's number ``t`` in its slice and the slice's tile count."""
+    pq = tl.arange(0, BLOCK_Q) - rows * cols
+    p_ok = (pq >= 0) & (pq < T)
+    n_tiles = tl.cdiv(gh, rows) * x_tiles
+    t = tile - bh * n_tiles
+    pk = tl.arange(0, BLOCK_K) - (rows + 2 * ry) * halo_cols
+    pk_ok = (pk >= 0) & (pk < T) & (t == 0)
+    own = k_ok & (ky >= y0) & (ky < y0 + rows) & (kx >= x0) & (kx < x0 + cols)
+    mask = mask | (p_ok[:, None] & (own | pk_ok)[None, :])
+    return (mask, tl.where(p_ok, pq, q_rows), tl.where(pk_ok, pk, k_rows), q_ok | p_ok, k_ok | pk_ok, pq, p_ok, t,
+            n_tiles)
+
+
+@triton.jit
 def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, tile,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
               H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
@@ -492,18 +512,9 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     q_in = q_ok
     k_in = k_ok
     if FUSE_PREFIX:
-        pq = tl.arange(0, BLOCK_Q) - rows * cols  # prefix query of each lane (valid in [0, T))
-        p_ok = (pq >= 0) & (pq < T)
-        n_tiles = tl.cdiv(gh, rows) * x_tiles
-        t = tile - bh * n_tiles  # the tile's number in its slice
-        pk = tl.arange(0, BLOCK_K) - (rows + 2 * ry) * halo_cols  # prefix key of each lane
-        pk_ok = (pk >= 0) & (pk < T) & (t == 0)
-        own = k_ok & (ky >= y0) & (ky < y0 + rows) & (kx >= x0) & (kx < x0 + cols)
-        mask = mask | (p_ok[:, None] & (own | pk_ok)[None, :])
-        q_rows = tl.where(p_ok, pq, q_rows)
-        k_rows = tl.where(pk_ok, pk, k_rows)
-        q_in = q_ok | p_ok
-        k_in = k_ok | pk_ok
+        mask, q_rows, k_rows, q_in, k_in, pq, p_ok, t, n_tiles = _prefix_lanes(
+            tile, bh, y0, x0, ky, kx, q_ok, k_ok, mask, q_rows, k_rows, T, gh, rows, cols, x_tiles, ry, halo_cols,
+            BLOCK_Q, BLOCK_K)
     q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
     k_ptrs = k_ptr + (_slice_base(bh, H, skb, skh) + k_rows * skn)[:, None] + offs_d[None, :]
     v_ptrs = v_ptr + (_slice_base(bh, H, svb, svh) + k_rows * svn)[:, None] + offs_d[None, :]
@@ -641,18 +652,9 @@ def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
     k_in = k_ok
     delta_ok = q_ok
     if FUSE_PREFIX:
-        pq = tl.arange(0, BLOCK_Q) - rows * cols
-        p_ok = (pq >= 0) & (pq < T)
-        n_tiles = tl.cdiv(gh, rows) * x_tiles
-        t = tile - bh * n_tiles
-        pk = tl.arange(0, BLOCK_K) - (rows + 2 * ry) * halo_cols
-        pk_ok = (pk >= 0) & (pk < T) & (t == 0)
-        own = k_ok & (ky >= y0) & (ky < y0 + rows) & (kx >= x0) & (kx < x0 + cols)
-        mask = mask | (p_ok[:, None] & (own | pk_ok)[None, :])
-        q_rows = tl.where(p_ok, pq, q_rows)
-        k_rows = tl.where(pk_ok, pk, k_rows)
-        q_in = q_ok | p_ok
-        k_in = k_ok | pk_ok
+        mask, q_rows, k_rows, q_in, k_in, pq, p_ok, t, n_tiles = _prefix_lanes(
+            tile, bh, y0, x0, ky, kx, q_ok, k_ok, mask, q_rows, k_rows, T, gh, rows, cols, x_tiles, ry, halo_cols,
+            BLOCK_Q, BLOCK_K)
         delta_ok = q_ok | (p_ok & (t == 0))
     q_ptrs = q_ptr + (_slice_base(bh, H, sqb, sqh) + q_rows * sqn)[:, None] + offs_d[None, :]
     do_ptrs = do_ptr + (_slice_base(bh, H, sdob, sdoh) + q_rows * sdon)[:, None] + offs_d[None, :]
