@@ -7,7 +7,9 @@ Three launches in all (one forward, two backward), each a single grid of program
 
 * Prefix programs come first in every launch: a prefix query attends to all ``N`` keys, so it loops
   over blocks of keys with an online softmax. They are the longest programs and start first, so
-  they overlap with the rest.
+  they overlap with the rest. (``FWD_FUSED_PREFIX`` / ``BWD_FUSED_PREFIX``, off by default: the prefix
+  queries ride in spare lanes of the grid tiles instead, each tile handling its own keys, and one more
+  small launch combines the tiles' parts.)
 * Tiled grid programs (the default): a tile of grid positions (a band of whole grid rows, or a
   16-column block on wide grids) and the halo of neighbours ``r`` rows/columns around it. All
   tile x halo scores come from ``tl.dot`` over chunks of ``D`` (tensor cores for 16-bit inputs),

@@ -7,18 +7,23 @@ statistics in fp32, ``z = y @ down_weight^T`` and ``u = h @ up_weight^T`` as two
 the rank padded to ``BLOCK_R >= 16``, the dropout masks from the shared counter-based hash, the
 residual and deep terms, one store.  It saves mean, rstd and ``z`` (tokens x r, fp32).
 
-Backward, two kernels and a few tiny host reductions:
+Backward, three kernels:
 
 * ``_bwd_rows_kernel`` (token tiles): ``gu = scale * drop'(grad_out)``, ``gz = drop'(gu @ up_weight) *
   gelu'(z)``, ``gy = gz @ down_weight`` and the LayerNorm backward into ``grad_message``; stores ``gz``.
 * ``_bwd_cols_kernel`` (channel tiles x token splits): the weight gradients as sums over tokens,
-  ``gu^T @ h``, ``sum gu`` and ``A = gz^T @ xhat``, one partial per split, added on the host in a
-  fixed order (deterministic, no atomics).  Then ``grad_down_weight = A * norm_weight + sum(gz) (x)
-  norm_bias``, ``grad_norm_weight = sum_j down_weight * A``, ``grad_norm_bias = sum(gz) @ down_weight``.
+  ``gu^T @ h``, ``sum gu``, ``A = gz^T @ xhat`` and ``sum gz``, one partial per split.
+* ``_bwd_finalize_kernel`` (channel tiles): the partials added in split order (deterministic, no
+  atomics), then ``grad_down_weight = A * norm_weight + sum(gz) (x) norm_bias``, ``grad_norm_weight =
+  sum_j down_weight * A``, ``grad_norm_bias = sum(gz) @ down_weight`` (``BWD_FINALIZE_KERNEL`` off:
+  PyTorch ops on the host do this).
 
 Rows too wide for one tile's shared memory (float32 beyond 1024 channels, 16-bit beyond 2048, float64
-beyond 512, at r <= 16) run ``_fwd_wide_kernel`` / ``_bwd_rows_wide_kernel``: the same steps over
-chunks of channels, the message re-read per pass (from L2).
+beyond 512, at r <= 16), and 16-bit rows wider than 256 channels, run ``_fwd_wide_kernel`` /
+``_bwd_rows_wide_kernel``: the same steps over chunks of channels. The forward reads the message once
+for the LayerNorm statistics and ``z`` (shifted sums, ``_stats_z_one_pass``; three passes with
+``FWD_ONE_PASS`` off); the backward rows read it once more for ``grad_message``, its LayerNorm sums
+coming from ``z`` (``BWD_FROM_Z``; a pass over the message with it off).
 
 Matrix products take the inputs' dtype (bf16/fp16 on tensor cores like PyTorch's own linear layers,
 fp32 in full IEEE precision, fp64 under the interpreter) and accumulate in fp32 (fp64 for fp64).
