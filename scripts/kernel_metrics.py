@@ -108,7 +108,7 @@ def calls(only):
     torch.cuda.synchronize()
 
 
-KERNELS = "local_attn_fwd_kernel|fwd_kernel|_local_attn_fwd_tiled_kernel|_fwd_prefix_combine_kernel|_fwd_wide_kernel"
+KERNELS = "local_attn_fwd_kernel|fwd_kernel|_local_attn_fwd_tiled_kernel|_combine_parts_kernel|_fwd_wide_kernel"
 
 
 def main():

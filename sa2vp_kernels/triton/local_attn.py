@@ -498,7 +498,7 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     A prefix lane sees the tile's own grid keys (the halo without its border) and, in the slice's
     first tile, the prefix keys, so the tiles of a slice split each prefix query's keys between them.
     Each tile stores its part of every prefix query's output, normalised, and its log-sum-exp
-    (``part_o``, ``part_lse``); ``_fwd_prefix_combine_kernel`` adds them up. The prefix queries then
+    (``part_o``, ``part_lse``); ``_combine_parts_kernel`` adds them up. The prefix queries then
     read no key or value that the tiles do not read anyway.
 
     EARLY_V (head dims of one chunk only): the values are loaded with the queries and keys, so that
@@ -603,30 +603,34 @@ def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_p
 
 
 @triton.jit
-def _fwd_prefix_combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T, n_tiles,
-                               D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
-    """Prefix query ``pid % T`` of slice ``pid // T``: its tiles' parts (``_fwd_tile`` under
-    FUSE_PREFIX) weighted by ``exp(lse_t - lse)``, ``lse = log(sum_t exp(lse_t))``, in tile order."""
+def _combine_parts_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T, n_tiles, WEIGHTED: tl.constexpr,
+                          D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Row ``pid % T`` of slice ``pid // T`` of ``out`` from its tiles' parts (the prefix queries under
+    FUSE_PREFIX), in tile order. WEIGHTED (the forward, ``_fwd_tile``): the parts are normalised outputs
+    with log-sum-exps ``lse_t``, weighted by ``exp(lse_t - lse)`` with ``lse = log(sum_t exp(lse_t))``,
+    which is stored too. Otherwise (the backward's dq, ``_bwd_dq_tile``): their plain sum."""
     pid = tl.program_id(0)
     bh = pid // T
     i = pid - bh * T
     ts = tl.arange(0, BLOCK_T)
     t_ok = ts < n_tiles
     base = pid.to(tl.int64) * n_tiles
-    lse_t = tl.load(part_lse_ptr + base + ts, mask=t_ok, other=_NEG)
-    m = tl.max(lse_t, axis=0)
-    w = tl.where(t_ok, tl.exp(lse_t - m), 0.0)
-    total = tl.sum(w, axis=0)
-    w = w / total
-    offs_d = tl.arange(0, BLOCK_DC)
     row = bh.to(tl.int64) * N + i
+    if WEIGHTED:
+        lse_t = tl.load(part_lse_ptr + base + ts, mask=t_ok, other=_NEG)
+        m = tl.max(lse_t, axis=0)
+        w = tl.where(t_ok, tl.exp(lse_t - m), 0.0)
+        total = tl.sum(w, axis=0)
+        w = w / total
+        tl.store(lse_ptr + row, m + tl.log(total))
+    offs_d = tl.arange(0, BLOCK_DC)
     for c in range(0, D, BLOCK_DC):
         d_ok = c + offs_d < D
-        o_t = tl.load(part_o_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
-                      mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        o = tl.sum(w[:, None] * o_t, axis=0)
-        tl.store(out_ptr + row * D + c + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(lse_ptr + row, m + tl.log(total))
+        parts = tl.load(part_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if WEIGHTED:
+            parts = w[:, None] * parts
+        tl.store(out_ptr + row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -640,7 +644,7 @@ def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
 
     Under FUSE_PREFIX the prefix queries ride along as in the forward (``_fwd_tile``): each tile adds
     the terms of its own keys (and, the slice's first tile, of the prefix keys) to every prefix
-    query's dq, stores that part (``part_dq``), and ``_sum_parts_kernel`` adds the parts up. The
+    query's dq, stores that part (``part_dq``), and ``_combine_parts_kernel`` adds the parts up. The
     first tile also stores the prefix queries' delta (the key-centric kernel reads it)."""
     bh, y0, x0 = _tile_origin(tile, gh, rows, cols, x_tiles)
     qy, qx, q_ok = _patch_lanes(y0, x0, rows, cols, gh, gw, BLOCK_Q)
@@ -735,26 +739,6 @@ def _local_attn_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr,
                      sdob, sdoh, sdon, sob, soh, son, H, N, T, gh, gw, ry, rx,
                      rows, cols, x_tiles, halo_x, halo_cols, sc,
                      FP64, IEEE, False, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
-
-
-@triton.jit
-def _sum_parts_kernel(part_ptr, out_ptr, N, T, n_tiles, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_DC: tl.constexpr):
-    """Row ``pid % T`` of slice ``pid // T`` of ``out``: the sum of its tiles' parts (``_bwd_dq_tile``
-    under FUSE_PREFIX)."""
-    pid = tl.program_id(0)
-    bh = pid // T
-    i = pid - bh * T
-    ts = tl.arange(0, BLOCK_T)
-    t_ok = ts < n_tiles
-    base = pid.to(tl.int64) * n_tiles
-    offs_d = tl.arange(0, BLOCK_DC)
-    row = bh.to(tl.int64) * N + i
-    for c in range(0, D, BLOCK_DC):
-        d_ok = c + offs_d < D
-        parts = tl.load(part_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        tl.store(out_ptr + row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -1071,8 +1055,8 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
         )
         if fused:
             block_t = triton.next_power_of_2(tiles)
-            _launch(_fwd_prefix_combine_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
-                    tiles, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
+            _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
+                    tiles, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
     else:
         args = (*args, *strides)
         bhg = B * H * grid_h * grid_w
@@ -1140,8 +1124,8 @@ def local_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         )
         if fused:
             block_t = triton.next_power_of_2(tiles)
-            _launch(_sum_parts_kernel, (bht,), part_dq, dq, N, num_prefix, tiles, D=D, BLOCK_T=block_t,
-                    BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
+            _launch(_combine_parts_kernel, (bht,), part_dq, part_dq, dq, lse, N, num_prefix, tiles, WEIGHTED=False,
+                    D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
     else:
         args = (*args, *strides)
         _launch(
