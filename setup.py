@@ -69,6 +69,7 @@ setup(
     version="0.1.0",
     description="Fused Triton/CUDA/C++ kernels and a fast SA2VP implementation on timm backbones",
     packages=find_packages(include=["sa2vp_kernels", "sa2vp_kernels.*", "sa2vp", "sa2vp.*"]),
+    package_data={"sa2vp_kernels.triton": ["tuned/*.json"]},  # per-GPU launch settings (triton/tuning.py)
     python_requires=">=3.10",
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -46,6 +46,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from . import tuning
 from ._scalars import split_float
 
 # Finite stand-in for -inf in the running maxima: keeps every exp() argument finite (no inf - inf).
@@ -981,6 +982,28 @@ def tuned_tile_plan(rows: int = 0, fwd_num_warps: int = 0, stages: int = 0):
     return plan
 
 
+def _fwd_tile_plan(tuned: dict, gh, gw, ry, rx, extra, D, dtype, extra_q=0):
+    """The forward's tile plan: ``_tile_plan`` with the tuned ``rows``, ``fwd_num_warps`` and
+    ``stages`` (sa2vp_kernels.triton.tuning) where they are set; the default plan where a tile of
+    ``rows`` rows does not fit."""
+    rows, warps, stages = tuned.get("rows", 0), tuned.get("fwd_num_warps", 0), tuned.get("stages", 0)
+    if not (rows or warps or stages):
+        return _tile_plan(gh, gw, ry, rx, extra, D, dtype, extra_q)
+    plan = _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, _MAX_TILE_SCORES, rows, extra_q) if rows else None
+    if plan is None:
+        plan = _tile_plan(gh, gw, ry, rx, extra, D, dtype, extra_q)
+        if plan is None or rows:
+            return plan
+    return _relaunched(plan, warps, stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _relaunched(plan, fwd_num_warps: int, stages: int):
+    import dataclasses
+
+    return dataclasses.replace(plan, fwd_num_warps=fwd_num_warps or plan.fwd_num_warps, stages=stages or plan.stages)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -1027,12 +1050,13 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
     ry, rx = min(rad, grid_h - 1), min(rad, grid_w - 1)
     n_prefix_programs = B * H * num_prefix
     cfg = _fwd_config(D, q.dtype)
+    tuned = tuning.attention_settings(q.device, q.dtype, D)
     plan = None
-    if FWD_FUSED_PREFIX and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
-        plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
+    if tuned.get("fwd_fused_prefix", FWD_FUSED_PREFIX) and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
+        plan = _fwd_tile_plan(tuned, grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
     fused = plan is not None
     if not fused:
-        plan = _tile_plan(grid_h, grid_w, ry, rx, 0, D, q.dtype)
+        plan = _fwd_tile_plan(tuned, grid_h, grid_w, ry, rx, 0, D, q.dtype)
     args = (q, k, v, out, lse)
     strides = (*_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, ry, rx)
     common = dict(ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, BLOCK_N=cfg.block_n,
@@ -1049,7 +1073,7 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * tiles,), *args, part_o, part_lse,
             *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
             *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused,
-            EARLY_V=FWD_EARLY_V and D <= plan.block_dc, BLOCK_Q=plan.block,
+            EARLY_V=tuned.get("fwd_early_v", FWD_EARLY_V) and D <= plan.block_dc, BLOCK_Q=plan.block,
             BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
         )
@@ -1104,7 +1128,8 @@ def local_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     shape_args = (H, N, num_prefix, grid_h, grid_w, ry, rx)
 
     plan = None
-    if BWD_FUSED_PREFIX and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
+    if (tuning.attention_settings(q.device, q.dtype, D).get("bwd_fused_prefix", BWD_FUSED_PREFIX)
+            and 1 <= num_prefix <= _FUSED_PREFIX_MAX):
         plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
     fused = plan is not None
     if not fused:

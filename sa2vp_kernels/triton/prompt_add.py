@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import tuning
 from ._scalars import join_float, split_float
 
 from ..reference.prompt_add import HIDDEN_STREAM, OUTPUT_STREAM, drop_threshold, stream_key
@@ -673,6 +674,23 @@ def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
     return rows
 
 
+def _fwd_row_blocks(tuned: dict, C: int, r: int, dtype: torch.dtype, device: torch.device):
+    """The forward's ``_row_blocks``, with the tuned ``block_m``, ``num_warps`` and ``block_c``
+    (sa2vp_kernels.triton.tuning) where the default runs chunked rows and the tuned tiles fit (whole
+    rows within _WIDE_SHARED, chunks within the GPU's shared memory)."""
+    default = _row_blocks(C, r, dtype)
+    if not default[4] or not any(tuned.get(k, 0) for k in ("block_m", "num_warps", "block_c")):
+        return default
+    blocks = tuned_row_blocks(tuned.get("block_m", 0), tuned.get("num_warps", 0), tuned.get("block_c", 0))(C, r, dtype)
+    block_m, block_c, block_r, _, wide = blocks
+    need = _tile_shared_bytes(block_m, block_c, block_r, dtype, wide)
+    if wide:  # (the interpreter has no shared memory)
+        fits = _INTERPRETED or device.type != "cuda" or need <= _shared_limit(device)
+    else:
+        fits = need <= _WIDE_SHARED
+    return blocks if fits else default
+
+
 def _cols_blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_M, num_warps) of the weight-gradient kernel. Its float32 dots are exact
     (FMA, operands in registers), which spills at the 16-bit tile size: narrower tiles there."""
@@ -711,7 +729,8 @@ def prompt_add_fwd(target: torch.Tensor, message: torch.Tensor, norm_weight: tor
     mean = torch.empty((M,), dtype=stat, device=message.device)
     rstd = torch.empty((M,), dtype=stat, device=message.device)
     z = torch.empty((M, r), dtype=stat, device=message.device)
-    block_m, block_c, block_r, num_warps, wide = _row_blocks(C, r, message.dtype)
+    tuned = tuning.prompt_add_settings(message.device, message.dtype, C, r)
+    block_m, block_c, block_r, num_warps, wide = _fwd_row_blocks(tuned, C, r, message.dtype, message.device)
     _check_fits(block_m, block_c, block_r, message.dtype, message.device, C, r, wide)
     inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
     has_deep = deep is not None
@@ -722,7 +741,7 @@ def prompt_add_fwd(target: torch.Tensor, message: torch.Tensor, norm_weight: tor
         *split_float(scale), *split_float(eps), *split_float(inv_keep), threshold, key_h, key_o, HAS_DEEP=has_deep,
         DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
         # (whole rows: one dot, no sums over chunks)
-        **({"ACC64": _acc64(message.dtype), "ONE_PASS": FWD_ONE_PASS} if wide else {}))
+        **({"ACC64": _acc64(message.dtype), "ONE_PASS": tuned.get("fwd_one_pass", FWD_ONE_PASS)} if wide else {}))
     return out, mean, rstd, z
 
 
@@ -737,6 +756,7 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
     dev = message.device
     inv_keep, threshold, key_h, key_o = _dropout_args(dropout_p, seed)
     dropout = dropout_p > 0
+    tuned = tuning.prompt_add_settings(dev, message.dtype, C, r)
 
     grad_message = torch.empty((B, N, C), dtype=message.dtype, device=dev)
     gz = torch.empty((M, r), dtype=stat, device=dev)
@@ -748,7 +768,7 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
     if wide:
         wrap_triton(_bwd_rows_wide_kernel)[(triton.cdiv(M, block_m),)](
             grad_out, message, mean, rstd, z, norm_weight, norm_bias, down_weight, down_bias, up_weight, *rows_args,
-            ACC64=_acc64(message.dtype), FROM_Z=BWD_FROM_Z, **rows_meta)
+            ACC64=_acc64(message.dtype), FROM_Z=tuned.get("bwd_from_z", BWD_FROM_Z), **rows_meta)
     else:
         wrap_triton(_bwd_rows_kernel)[(triton.cdiv(M, block_m),)](
             grad_out, message, mean, rstd, z, norm_weight, down_weight, up_weight, *rows_args, **rows_meta)
@@ -769,7 +789,7 @@ def prompt_add_bwd(grad_out: torch.Tensor, message: torch.Tensor, mean: torch.Te
         key_h, key_o, DROPOUT=dropout, ACC64=_acc64(message.dtype), BLOCK_M=rows_block, BLOCK_C=cols_block,
         BLOCK_R=block_r, num_warps=cols_warps)
     dt = message.dtype
-    if BWD_FINALIZE_KERNEL:
+    if tuned.get("bwd_finalize_kernel", BWD_FINALIZE_KERNEL):
         grads = [torch.empty(shape, dtype=dt, device=dev) for shape in ((C,), (C,), (r, C), (r,), (C, r), (C,))]
         fin_block = min(64, max(16, triton.next_power_of_2(C)))
         wrap_triton(_bwd_finalize_kernel)[(triton.cdiv(C, fin_block),)](
