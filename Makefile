@@ -20,6 +20,7 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider bench/test_scripts.py
 	$(MAKE) --no-print-directory test-cuda-sanitizers
 
 # The CUDA kernels under the CPU emulator again, built with AddressSanitizer (any access outside a

@@ -807,6 +807,15 @@ def new_results(device, source: str) -> dict:
         "git": git_commit(),
         "source_digest": source_digest(),
     }
+    try:  # the Triton launch settings in force (sa2vp_kernels/triton/tuning.py), relative to the repository
+        from sa2vp_kernels.triton import tuning
+
+        tuned = tuning.active_file(dev)
+        root = Path(__file__).resolve().parent.parent
+        meta["triton_tuned"] = (str(Path(tuned).resolve().relative_to(root)) if tuned and Path(tuned).resolve().is_relative_to(root)
+                                else tuned)
+    except (ImportError, ValueError) as exc:
+        meta["triton_tuned"] = f"error: {exc}"
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         meta.update(sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,

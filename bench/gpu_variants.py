@@ -8,24 +8,28 @@ C=768, bfloat16), on one GPU; for choosing the defaults.
 Rows:
 
 * local attention forward (1 x 768 and 12 x 64): the CUDA kernels with and without the tiled forward
-  (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the launch plans of
+  (SA2VP_CUDA_ATTN_TILED); the Triton kernels with their default plan and the forward launch plans of
   ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), with deeper
-  pipelining of the prefix queries' key loop, and with the prefix queries fused into the grid tiles
-  (``FWD_FUSED_PREFIX``, also with other plans; ``BWD_FUSED_PREFIX`` the same for the backward's dq), and
-  with the values loaded early (``FWD_EARLY_V``, one head-dim chunk: 12 x 64). The defaults and the fused
-  variants also forward + backward. Diagnostic: the same layouts without a prefix token
+  pipelining of the prefix queries' key loop, with the prefix queries fused into the grid tiles
+  (``fwd_fused_prefix``, also with other plans; ``bwd_fused_prefix`` the same for the backward's dq),
+  and with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64). The defaults and the
+  fused variants also forward + backward. Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
   (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0); the Triton kernels with their defaults, with the chunked
-  rows' statistics in three passes over the message (``FWD_ONE_PASS`` / ``BWD_FROM_Z`` off), with the
-  parameter gradients from PyTorch ops (``BWD_FINALIZE_KERNEL`` off) and with the launch
-  configurations of ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the
-  same without dropout (p = 0), with the error of the added term against a float64 reference.
+  rows' statistics in three passes over the message (``fwd_one_pass`` off), with the backward's
+  LayerNorm sums from a pass over the message (``bwd_from_z`` off), with the parameter gradients from
+  PyTorch ops (``bwd_finalize_kernel`` off) and with the forward launch configurations of
+  ``TUNE_CONFIGS``; the unfused nn modules (the baseline). Diagnostic: the same without dropout
+  (p = 0), with the error of the added term against a float64 reference.
 
-The attention rows report the error of the output against the float64 reference (bench/common.py);
-every row the share of the measured copy bandwidth for the fewest bytes the op must move. A variant that
-fails is recorded with its error and the others still run; the results file is rewritten after each row.
+The Triton rows run with the launch settings they name (sa2vp_kernels.triton.tuning.override; no tuned
+file applies), recorded in each record's ``settings``: bench/apply_tuning.py keeps the fastest as the
+GPU model's tuned file. The attention rows report the error of the output against the float64
+reference (bench/common.py); every row the share of the measured copy bandwidth for the fewest bytes
+the op must move. A variant that fails is recorded with its error and the others still run; the
+results file is rewritten after each row.
 """
 from __future__ import annotations
 
@@ -43,52 +47,68 @@ _TLA = "sa2vp_kernels.triton.local_attn"
 _TPA = "sa2vp_kernels.triton.prompt_add"
 
 
+def _plan_settings(plan) -> dict:
+    """Settings (sa2vp_kernels.triton.tuning) of a TUNE_PLANS entry (tile rows, forward warps, stages)."""
+    return {k: v for k, v in zip(("rows", "fwd_num_warps", "stages"), plan) if v}
+
+
+def _plan_label(plan) -> str:
+    return " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
+
+
 def _attention_variants():
-    """(label, provider, environment, patches): patches are (module, attribute, value or
-    function of the module giving the value), applied for the row and undone after it."""
+    """(label, provider, environment, patches, settings): patches are (module, attribute, value) set for
+    the row and restored after it; settings are the Triton launch settings of the row
+    (sa2vp_kernels.triton.tuning.override: the same keys as a tuned file, so bench/apply_tuning.py
+    can keep the fastest), None for rows that a tuned file cannot express."""
     rows = [
-        ("cuda default", "cuda", {"SA2VP_CUDA_ATTN_TILED": "0"}, ()),
-        ("cuda tiled", "cuda", {"SA2VP_CUDA_ATTN_TILED": "1"}, ()),
-        ("triton", "triton", {}, ()),
+        ("cuda default", "cuda", {"SA2VP_CUDA_ATTN_TILED": "0"}, (), None),
+        ("cuda tiled", "cuda", {"SA2VP_CUDA_ATTN_TILED": "1"}, (), None),
+        ("triton", "triton", {}, (), {}),
     ]
     from sa2vp_kernels.triton import local_attn as tla
     for plan in tla.TUNE_PLANS:
-        label = "triton " + " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
-        rows.append((label, "triton", {}, ((_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)),)))
-    for stages in (3,):
-        rows.append((f"triton prefix st{stages}", "triton", {}, ((_TLA, "_PREFIX_STAGES", stages),)))
-    fused = (_TLA, "FWD_FUSED_PREFIX", True)
-    early = (_TLA, "FWD_EARLY_V", True)
-    rows.append(("triton early-v", "triton", {}, (early,)))
-    rows.append(("triton fused", "triton", {}, (fused,)))
-    rows.append(("triton fused early-v", "triton", {}, (fused, early)))
-    for plan in ((4, 4, 0), (1, 4, 0), (0, 4, 0)):
-        label = "triton fused " + " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
-        rows.append((label, "triton", {}, (fused, (_TLA, "_tile_plan", lambda m, plan=plan: m.tuned_tile_plan(*plan)))))
-    rows.append(("triton fused early-v rows4 w4", "triton", {},
-                 (fused, early, (_TLA, "_tile_plan", lambda m: m.tuned_tile_plan(4, 4, 0)))))
-    rows.append(("triton fused fwd+dq", "triton", {}, (fused, (_TLA, "BWD_FUSED_PREFIX", True))))
+        rows.append(("triton " + _plan_label(plan), "triton", {}, (), _plan_settings(plan)))
+    rows.append(("triton prefix st3", "triton", {}, ((_TLA, "_PREFIX_STAGES", 3),), {}))
+    fused, early = {"fwd_fused_prefix": True}, {"fwd_early_v": True}
+    rows.append(("triton early-v", "triton", {}, (), early))
+    rows.append(("triton fused", "triton", {}, (), fused))
+    rows.append(("triton fused early-v", "triton", {}, (), {**fused, **early}))
+    for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0)):
+        rows.append(("triton fused " + _plan_label(plan), "triton", {}, (), {**fused, **_plan_settings(plan)}))
+    for plan in ((4, 4, 0), (0, 4, 0)):
+        rows.append(("triton fused early-v " + _plan_label(plan), "triton", {}, (),
+                     {**fused, **early, **_plan_settings(plan)}))
+    rows.append(("triton fused fwd+dq", "triton", {}, (), {**fused, "bwd_fused_prefix": True}))
+    rows.append(("triton dq fused", "triton", {}, (), {"bwd_fused_prefix": True}))
     return rows
 
 
 # Attention variants also timed forward + backward (the others: forward only).
-_ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq")
+_ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton dq fused")
 
 
 def _prompt_add_variants():
     rows = [
-        ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}, ()),
-        ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}, ()),  # the default
-        ("cuda aten-sums", "cuda", {"SA2VP_CUDA_PROMPT_ADD_FINALIZE": "0"}, ()),
-        ("triton", "triton", {}, ()),
-        ("triton 3-pass", "triton", {}, ((_TPA, "FWD_ONE_PASS", False), (_TPA, "BWD_FROM_Z", False))),
-        ("triton torch-sums", "triton", {}, ((_TPA, "BWD_FINALIZE_KERNEL", False),)),
+        ("cuda not staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "0"}, (), None),
+        ("cuda staged", "cuda", {"SA2VP_CUDA_PROMPT_ADD_STAGED": "1"}, (), None),  # the default
+        ("cuda aten-sums", "cuda", {"SA2VP_CUDA_PROMPT_ADD_FINALIZE": "0"}, (), None),
+        ("triton", "triton", {}, (), {}),
+        ("triton 3-pass", "triton", {}, (), {"fwd_one_pass": False}),
+        ("triton bwd-msg", "triton", {}, (), {"bwd_from_z": False}),
+        ("triton torch-sums", "triton", {}, (), {"bwd_finalize_kernel": False}),
     ]
+    import torch
+
     from sa2vp_kernels.triton import prompt_add as tpa
+    default = tpa._row_blocks(768, 16, torch.bfloat16)
     for cfg in tpa.TUNE_CONFIGS:
+        settings = {k: v for k, v in zip(("block_m", "num_warps", "block_c"), cfg) if v}
+        if tpa._fwd_row_blocks(settings, 768, 16, torch.bfloat16, torch.device("cpu")) == default:
+            continue  # (the default at the benchmark shape: the "triton" row)
         label = "triton " + " ".join(f"{k}{'-all' if v == -1 else v}" for k, v in zip(("m", "w", "c"), cfg) if v)
-        rows.append((label, "triton", {}, ((_TPA, "_row_blocks", lambda m, cfg=cfg: m.tuned_row_blocks(*cfg)),)))
-    rows.append(("unfused", "unfused", {}, ()))  # nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds
+        rows.append((label, "triton", {}, (), settings))
+    rows.append(("unfused", "unfused", {}, (), None))  # nn.LayerNorm, nn.Linear, nn.GELU, nn.Dropout and adds
     return rows
 
 
@@ -140,9 +160,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists("/dev/nvidia0"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["SA2VP_TRITON_TUNED"] = "0"  # the rows time the built-in defaults and the settings they name
     import torch
 
     import common
+    from sa2vp_kernels.triton import tuning
 
     providers = {p.strip() for p in args.providers.split(",") if p.strip()}
     unknown = providers - {"cuda", "triton", "unfused"}
@@ -171,18 +193,21 @@ def main(argv=None) -> int:
             return common.time_cuda_graph(fn, device, rep_ms=10)["ms_graph"]
         return common.time_fn(fn, device, warmup_ms=1, rep_ms=5)["ms"]
 
-    def row(section, case, label, provider, env, patches, passes, make, errors):
+    def row(section, case, label, provider, env, patches, settings, passes, make, errors):
         if provider not in providers:
             return
+        op_settings = {section.replace("attention", "local_attention"): settings or {}}
         try:
             # (the extension reads the variant switches at every launch; the Triton launchers read the
-            # patched module attributes at every call)
-            with common.environment(**env), _patched(patches):
+            # patched module attributes and the settings at every call)
+            with common.environment(**env), _patched(patches), tuning.override(**op_settings):
                 work = make(provider, case)
                 err = errors(work, case) if errors else {}
                 for pass_ in passes:
                     rec = {"section": section, "case": case.label, "variant": label, "provider": provider,
-                           "pass": pass_, **err}
+                           "pass": pass_, "settings": settings if not patches else None,
+                           **{k: getattr(case, k) for k in ("head_dim", "num_prefix", "width", "rank",
+                                                             "dropout_p") if hasattr(case, k)}, **err}
                     try:
                         rec["ms"] = timed(work.runner(pass_))
                         rec["bytes"] = case.bytes(pass_)
@@ -197,22 +222,22 @@ def main(argv=None) -> int:
                 del work
         except Exception as exc:
             results["records"].append({"section": section, "case": case.label, "variant": label,
-                                       "error": f"{type(exc).__name__}: {exc}"[:300]})
+                                       "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"{section:<10} {case.label:<36} {label:<20} ERROR {exc}", flush=True)
         finally:
             common.write_results(results, [path])
 
     def attention(case, variants):
-        for label, provider, env, patches in variants:
+        for label, provider, env, patches, settings in variants:
             passes = ("fwd", "fwd+bwd") if label in _ATTENTION_FWD_BWD else ("fwd",)
-            row("attention", case, label, provider, env, patches, passes,
+            row("attention", case, label, provider, env, patches, settings, passes,
                 lambda p, c: common.attention_workload(p, c, device,
                                                        n_sets=common.rotation(3 * c.tensor_bytes(), device)),
                 common.attention_errors)
 
     def prompt_add(case, variants, errors=None):
-        for label, provider, env, patches in variants:
-            row("prompt_add", case, label, provider, env, patches, ("fwd", "fwd+bwd"),
+        for label, provider, env, patches, settings in variants:
+            row("prompt_add", case, label, provider, env, patches, settings, ("fwd", "fwd+bwd"),
                 lambda p, c: common.prompt_add_workload(p, c, device, n_sets=2), errors)
 
     # In order of need (a run cut short keeps the first rows): the defaults and the structural variants of

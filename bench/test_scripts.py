@@ -183,15 +183,16 @@ def test_triton_host_script(tmp_path):
 
 
 def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
-    """Every variant of bench/gpu_variants.py names module attributes that exist, gives them a value
-    the launchers can use, and leaves the defaults in place afterwards; a dry run with one provider
-    writes its rows."""
+    """Every variant of bench/gpu_variants.py names module attributes that exist and launch settings a
+    tuned file accepts, which apply at the benchmark shape, and leaves the defaults in place
+    afterwards; a dry run with one provider writes its rows."""
     import importlib
 
     import gpu_variants
 
     from sa2vp_kernels.triton import local_attn as tla
     from sa2vp_kernels.triton import prompt_add as tpa
+    from sa2vp_kernels.triton import tuning
 
     defaults = (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
                 tpa._row_blocks,
@@ -200,14 +201,23 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     for section in (attention, prompt_add):
         assert len({v[0] for v in section}) == len(section)  # labels are unique
     variants = attention + prompt_add
-    for label, provider, env, patches in variants:
-        with gpu_variants._patched(patches):
+    cpu = torch.device("cpu")
+    for variant in variants:
+        label, provider, env, patches, settings = variant
+        assert (settings is not None) == (provider == "triton"), label
+        op = "local_attention" if variant in attention else "prompt_add"
+        with gpu_variants._patched(patches), tuning.override(**{op: settings or {}}):
             for module_name, attr, _ in patches:
-                value = getattr(importlib.import_module(module_name), attr)
-                if attr == "_tile_plan":
-                    assert value(14, 14, 1, 1, 0, 64, torch.bfloat16) is not None, label
-                elif attr == "_row_blocks":
-                    assert len(value(768, 16, torch.bfloat16)) == 5, label
+                assert hasattr(importlib.import_module(module_name), attr), label
+        if settings and op == "local_attention":
+            # (the benchmark shape: every tile plan named fits, so the variant runs as labelled)
+            for D in (64, 768):
+                fused = int(settings.get("fwd_fused_prefix", False))
+                plan = tla._fwd_tile_plan(settings, 14, 14, 1, 1, fused, D, torch.bfloat16, fused)
+                assert plan is not None and plan.rows == (settings.get("rows") or plan.rows), label
+        elif settings and {"block_m", "num_warps", "block_c"} & set(settings):
+            blocks = tpa._fwd_row_blocks(settings, 768, 16, torch.bfloat16, cpu)
+            assert blocks != tpa._row_blocks(768, 16, torch.bfloat16), label  # (they apply at 768 channels)
         assert (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
                 tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL) == defaults
@@ -234,3 +244,96 @@ def test_variants_summary_ranks_and_checks_targets():
     assert [ln.split()[0:2] for ln in lines[1:]] == [["triton", "m32"], ["triton", "0.0400"], ["unfused", "0.0900"]]
     assert "2.00x default" in lines[1] and "MEETS 60 %" in lines[1] and "4.50x unfused (MEETS 2.5x)" in lines[1]
     assert "below 60 %" in lines[2] and "2.25x unfused (below 2.5x)" in lines[2]
+
+
+def _variant_records():
+    """Synthetic bench/gpu_variants.py records of one GPU: two attention head dims with a prefix token,
+    a diagnostic without one, prompt_add with and without dropout."""
+    def attn(D, variant, settings, pass_, ms, T=1, **extra):
+        return {"section": "attention", "case": f"B64 N{196 + T} {768 // D}x{D}", "variant": variant,
+                "provider": "triton", "pass": pass_, "settings": settings, "head_dim": D, "num_prefix": T,
+                "ms": ms, "rel_err_out": 4e-3, "rel_err_grad": 5e-3, **extra}
+
+    def pa(p, variant, settings, pass_, ms):
+        return {"section": "prompt_add", "case": f"B64 N197 C768 r16 p{p:g} bfloat16", "variant": variant,
+                "provider": "triton", "pass": pass_, "settings": settings, "width": 768, "rank": 16,
+                "dropout_p": p, "ms": ms}
+
+    fused, rows4 = {"fwd_fused_prefix": True}, {"fwd_fused_prefix": True, "rows": 4, "fwd_num_warps": 4}
+    return [
+        attn(768, "triton", {}, "fwd", 0.045), attn(768, "triton fused", fused, "fwd", 0.040),
+        attn(768, "triton fused rows4 w4", rows4, "fwd", 0.030),
+        attn(768, "inexact", {"rows": 1}, "fwd", 0.020, rel_err_out=0.5),  # too large an error
+        {**attn(768, "broken", {"stages": 3}, "fwd", 0.010), "error": "RuntimeError: boom"},
+        attn(768, "triton prefix st3", None, "fwd", 0.015),  # not expressible in a file
+        attn(768, "triton fused fwd+dq", {**fused, "bwd_fused_prefix": True}, "fwd", 0.029),  # (a backward row)
+        attn(768, "triton fused", fused, "fwd+bwd", 0.200),
+        attn(768, "triton fused fwd+dq", {**fused, "bwd_fused_prefix": True}, "fwd+bwd", 0.180),
+        attn(768, "triton", {}, "fwd+bwd", 0.210), attn(768, "triton dq fused", {"bwd_fused_prefix": True}, "fwd+bwd", 0.190),
+        attn(768, "triton w4", {"fwd_num_warps": 4}, "fwd", 0.001, T=0),  # the diagnostic without a prefix
+        attn(64, "triton", {}, "fwd", 0.065), attn(64, "triton fused", fused, "fwd", 0.0645),  # within 2 %
+        attn(64, "triton fused", fused, "fwd+bwd", 0.300),
+        attn(64, "triton fused fwd+dq", {**fused, "bwd_fused_prefix": True}, "fwd+bwd", 0.250),
+        attn(64, "triton", {}, "fwd+bwd", 0.300), attn(64, "triton dq fused", {"bwd_fused_prefix": True}, "fwd+bwd", 0.310),
+        pa(0.1, "triton", {}, "fwd", 0.037), pa(0.1, "triton", {}, "fwd+bwd", 0.178),
+        pa(0.1, "triton m32 w8 c128", {"block_m": 32, "num_warps": 8, "block_c": 128}, "fwd", 0.025),
+        pa(0.1, "triton m32 w8 c128", {"block_m": 32, "num_warps": 8, "block_c": 128}, "fwd+bwd", 0.170),
+        pa(0.1, "triton 3-pass", {"fwd_one_pass": False}, "fwd", 0.040),
+        pa(0.1, "triton bwd-msg", {"bwd_from_z": False}, "fwd+bwd", 0.190),
+        pa(0.1, "triton torch-sums", {"bwd_finalize_kernel": False}, "fwd+bwd", 0.150),
+        pa(0.0, "triton 3-pass", {"fwd_one_pass": False}, "fwd", 0.001),  # the diagnostic without dropout
+        {**pa(0.1, "unfused", None, "fwd", 0.09), "provider": "unfused"},
+    ]
+
+
+def _variants_file(tmp_path, records, device="NVIDIA Test GPU"):
+    meta = {"device": device, "device_tag": "nvidia-test-gpu", "date": "2026-11-27", "source": "bench/gpu_variants.py",
+            "torch": "2.11.0", "triton": "3.6.0"}
+    path = tmp_path / f"variants-{len(records)}.json"
+    path.write_text(json.dumps({"meta": meta, "records": records}))
+    return path
+
+
+def test_apply_tuning_keeps_what_beat_the_defaults(tmp_path, monkeypatch):
+    """bench/apply_tuning.py: the fastest exact forward per head dim and for prompt_add, a backward
+    switch only where it won every comparison, nothing within the margin; the file it writes is one
+    the package loads and applies by head dim, rank and dtype."""
+    import apply_tuning
+
+    from sa2vp_kernels.triton import tuning
+
+    doc = apply_tuning.choose([json.loads(_variants_file(tmp_path, _variant_records()).read_text())])
+    (entry,) = doc["local_attention"]  # 12 x 64: the fused forward is within 2 % and dq fused lost once
+    assert entry["min_head_dim"] == 65 and "max_head_dim" not in entry
+    assert entry["settings"] == {"fwd_fused_prefix": True, "rows": 4, "fwd_num_warps": 4, "bwd_fused_prefix": True}
+    assert entry["measured"]["fwd"] == {"case": "B64 N197 1x768", "default_ms": 0.045, "tuned_ms": 0.03,
+                                        "variant": "triton fused rows4 w4"}
+    (entry,) = doc["prompt_add"]
+    assert entry["max_rank"] == 16
+    assert entry["settings"] == {"block_m": 32, "num_warps": 8, "block_c": 128, "bwd_finalize_kernel": False}
+
+    out = tmp_path / "tuned" / "nvidia-test-gpu.json"
+    copy = tmp_path / "logs"
+    src = _variants_file(tmp_path, _variant_records())
+    assert apply_tuning.main([str(src), "--out", str(out), "--copy", str(copy)]) == 0
+    assert json.loads(out.read_text()) == json.loads((copy / out.name).read_text())
+    monkeypatch.setenv(tuning.ENV, str(out))
+    cuda0 = torch.device("cuda", 0)
+    assert tuning.attention_settings(cuda0, torch.bfloat16, 768)["rows"] == 4
+    assert tuning.attention_settings(cuda0, torch.bfloat16, 64) == {}
+    assert tuning.prompt_add_settings(cuda0, torch.float16, 768, 16)["block_m"] == 32
+    assert tuning.prompt_add_settings(cuda0, torch.float16, 768, 32) == {}
+
+    # A rerun where nothing beats the defaults removes the file (the built-in defaults apply again).
+    plain = [r for r in _variant_records() if r["settings"] in ({}, None)]
+    assert apply_tuning.main([str(_variants_file(tmp_path, plain)), "--out", str(out)]) == 0
+    assert not out.exists()
+    # Results of a dry run on the CPU, or of two devices, are refused.
+    cpu = _variants_file(tmp_path, plain[:1])
+    data = json.loads(cpu.read_text())
+    data["meta"]["device_tag"] = "cpu"
+    cpu.write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        apply_tuning.main([str(cpu)])
+    with pytest.raises(SystemExit):
+        apply_tuning.main([str(src), str(_variants_file(tmp_path, plain[:2], device="Other GPU"))])
