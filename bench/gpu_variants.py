@@ -47,40 +47,22 @@ _TLA = "sa2vp_kernels.triton.local_attn"
 _TPA = "sa2vp_kernels.triton.prompt_add"
 
 
-def _plan_settings(plan) -> dict:
-    """Settings (sa2vp_kernels.triton.tuning) of a TUNE_PLANS entry (tile rows, forward warps, stages)."""
-    return {k: v for k, v in zip(("rows", "fwd_num_warps", "stages"), plan) if v}
-
-
-def _plan_label(plan) -> str:
-    return " ".join(f"{k}{v}" for k, v in zip(("rows", "w", "st"), plan) if v)
-
-
 def _attention_variants():
     """(label, provider, environment, patches, settings): patches are (module, attribute, value) set for
     the row and restored after it; settings are the Triton launch settings of the row
     (sa2vp_kernels.triton.tuning.override: the same keys as a tuned file, so bench/apply_tuning.py
-    can keep the fastest), None for rows that a tuned file cannot express."""
+    can keep the fastest), None for the CUDA rows."""
+    from sa2vp_kernels.triton import local_attn as tla
+
     rows = [
         ("cuda default", "cuda", {"SA2VP_CUDA_ATTN_TILED": "0"}, (), None),
         ("cuda tiled", "cuda", {"SA2VP_CUDA_ATTN_TILED": "1"}, (), None),
         ("triton", "triton", {}, (), {}),
+        ("triton prefix st3", "triton", {}, ((_TLA, "_PREFIX_STAGES", 3),), {}),
     ]
-    from sa2vp_kernels.triton import local_attn as tla
-    for plan in tla.TUNE_PLANS:
-        rows.append(("triton " + _plan_label(plan), "triton", {}, (), _plan_settings(plan)))
-    rows.append(("triton prefix st3", "triton", {}, ((_TLA, "_PREFIX_STAGES", 3),), {}))
-    fused, early = {"fwd_fused_prefix": True}, {"fwd_early_v": True}
-    rows.append(("triton early-v", "triton", {}, (), early))
-    rows.append(("triton fused", "triton", {}, (), fused))
-    rows.append(("triton fused early-v", "triton", {}, (), {**fused, **early}))
-    for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0)):
-        rows.append(("triton fused " + _plan_label(plan), "triton", {}, (), {**fused, **_plan_settings(plan)}))
-    for plan in ((4, 4, 0), (0, 4, 0)):
-        rows.append(("triton fused early-v " + _plan_label(plan), "triton", {}, (),
-                     {**fused, **early, **_plan_settings(plan)}))
-    rows.append(("triton fused fwd+dq", "triton", {}, (), {**fused, "bwd_fused_prefix": True}))
-    rows.append(("triton dq fused", "triton", {}, (), {"bwd_fused_prefix": True}))
+    for settings in (*tla.TUNE_SETTINGS, {"fwd_fused_prefix": True, "bwd_fused_prefix": True},
+                     {"bwd_fused_prefix": True}):
+        rows.append(("triton " + tla.settings_label(settings), "triton", {}, (), settings))
     return rows
 
 

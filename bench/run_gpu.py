@@ -613,9 +613,8 @@ def section_tune(run: Run) -> None:
     with and without prefetching (forward and forward + backward), the CUDA prompt_add forward with and
     without its weights staged in shared memory, the Triton prompt_add's launch
     configurations (BLOCK_M, num_warps, channel chunk; forward and forward + backward) and the tiled
-    Triton attention's (num_warps, head-dim chunk; forward). The defaults are labelled "default"."""
-    import dataclasses
-
+    Triton attention's (num_warps, head-dim chunk; forward), around the built-in defaults (no tuned
+    file applies). The defaults are labelled "default"."""
     common = run.common
     if "cuda" in common.kernel_backends(run.device):
         # The CUDA attention kernels with and without loading the next key's rows ahead
@@ -647,9 +646,19 @@ def section_tune(run: Run) -> None:
     if "triton" not in common.kernel_backends(run.device) and not (run.args.tiny and triton_interpreted()):
         run.skip("tune", "triton", "the Triton kernels do not run on this device")
         return
+    from sa2vp_kernels.triton import tuning
+
+    with tuning.override():  # the sweeps vary the built-in defaults, whatever tuned file is in force
+        _tune_triton(run)
+
+
+def _tune_triton(run: Run) -> None:
+    import dataclasses
+
     from sa2vp_kernels.triton import local_attn as tla
     from sa2vp_kernels.triton import prompt_add as tpa
 
+    common = run.common
     dtype = getattr(common.torch, run.plan.dtype_name)
     B, N, C, r = run.plan.prompt_add[0]
     case = common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype)

@@ -128,6 +128,18 @@ def _record_attention(quick: bool):
         finally:
             mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V = defaults
         yield from rec
+    if quick:
+        return
+    # the forward launch settings bench/gpu_variants.py times (and a tuned file may choose), at the
+    # benchmark shapes
+    from . import tuning
+    for label, B, H, gh, gw, D, T, window, dtype in [c for c in cases if c[0].startswith("bench")]:
+        q, k, v = (torch.empty((B, H, T + gh * gw, D), dtype=dtype, device="meta") for _ in range(3))
+        for settings in mod.TUNE_SETTINGS:
+            with tuning.override(local_attention=settings), \
+                    _recording(mod, "local_cross_attention", f"{label} tune {mod.settings_label(settings)}") as rec:
+                fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
+            yield from rec
 
 
 def _record_prompt_add(quick: bool):
@@ -149,22 +161,28 @@ def _record_prompt_add(quick: bool):
             ("C=40 r=3 fp32", 3, 7, 40, 3, True, 0.1, torch.float32),
             ("C=100 r=17 bf16", 3, 21, 100, 17, False, 0.0, torch.bfloat16),
         ]
-    # the launch configurations the GPU benchmark's "tune" section sweeps, at the benchmark shape
-    tuned = [] if quick else [(f"{cases[0][0]} tune m{m} w{w} c{c}", mod.tuned_row_blocks(m, w, c))
-                              for m, w, c in mod.TUNE_CONFIGS]
-    default_rows = mod._row_blocks
-    for label, B, N, C, r, deep, p, dtype in cases + [(lab, *cases[0][1:]) for lab, _ in tuned]:
+    for label, B, N, C, r, deep, p, dtype in cases:
         def t(*shape):
             return torch.empty(shape, dtype=dtype, device="meta")
-        mod._row_blocks = dict(tuned).get(label, default_rows)
-        try:
-            with _recording(mod, "prompt_add", label) as rec:
-                out, mean, rstd, z = fwd(t(B, N, C), t(B, N, C), t(C), t(C), t(r, C), t(r), t(C, r), t(C),
-                                         t(1, N, C) if deep else None, t(C) if deep else None, 0.7, p, 1e-6, 1234)
-                bwd(torch.empty_like(out), t(B, N, C), mean, rstd, z, t(C), t(C), t(r, C), t(r), t(C, r), 0.7,
-                    p, 1234)
-        finally:
-            mod._row_blocks = default_rows
+        with _recording(mod, "prompt_add", label) as rec:
+            out, mean, rstd, z = fwd(t(B, N, C), t(B, N, C), t(C), t(C), t(r, C), t(r), t(C, r), t(C),
+                                     t(1, N, C) if deep else None, t(C) if deep else None, 0.7, p, 1e-6, 1234)
+            bwd(torch.empty_like(out), t(B, N, C), mean, rstd, z, t(C), t(C), t(r, C), t(r), t(C, r), 0.7, p, 1234)
+        yield from rec
+    if quick:
+        return
+    # the forward launch configurations bench/gpu_variants.py times (and a tuned file may choose; the
+    # backward keeps the default's), at the benchmark shape
+    from . import tuning
+    label, B, N, C, r, deep, p, dtype = cases[0]
+    for m, w, c in mod.TUNE_CONFIGS:
+        def t(*shape):
+            return torch.empty(shape, dtype=dtype, device="meta")
+        settings = {k: v for k, v in zip(("block_m", "num_warps", "block_c"), (m, w, c)) if v}
+        with tuning.override(prompt_add=settings), \
+                _recording(mod, "prompt_add", f"{label} tune m{m} w{w} c{c}") as rec:
+            fwd(t(B, N, C), t(B, N, C), t(C), t(C), t(r, C), t(r), t(C, r), t(C), t(1, N, C) if deep else None,
+                t(C) if deep else None, 0.7, p, 1e-6, 1234)
         yield from rec
 
 

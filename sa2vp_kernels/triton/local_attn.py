@@ -964,6 +964,33 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=Non
 TUNE_PLANS = ((1, 4, 0), (4, 4, 0), (4, 8, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
 
 
+def _plan_settings(plan) -> dict:
+    return {k: v for k, v in zip(("rows", "fwd_num_warps", "stages"), plan) if v}
+
+
+# Forward launch settings (sa2vp_kernels.triton.tuning) that bench/gpu_variants.py times at the benchmark
+# shapes next to the default, and that python -m sa2vp_kernels.triton.aot compiles there: the plans of
+# TUNE_PLANS, the values loaded early, the prefix queries fused into the tiles with several plans.
+TUNE_SETTINGS = (
+    *(_plan_settings(plan) for plan in TUNE_PLANS),
+    {"fwd_early_v": True},
+    {"fwd_fused_prefix": True},
+    {"fwd_fused_prefix": True, "fwd_early_v": True},
+    *({"fwd_fused_prefix": True, **_plan_settings(plan)} for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
+    *({"fwd_fused_prefix": True, "fwd_early_v": True, **_plan_settings(plan)} for plan in ((4, 4, 0), (0, 4, 0))),
+)
+
+
+def settings_label(settings: dict) -> str:
+    """A short name of attention launch settings: ``fused early-v rows4 w4``, ``dq fused``."""
+    parts = [name for key, name in (("fwd_fused_prefix", "fused"), ("fwd_early_v", "early-v")) if settings.get(key)]
+    parts += [f"{name}{settings[key]}" for key, name in (("rows", "rows"), ("fwd_num_warps", "w"), ("stages", "st"))
+              if settings.get(key)]
+    if settings.get("bwd_fused_prefix"):
+        parts.append("fwd+dq" if parts == ["fused"] else "dq fused")
+    return " ".join(parts)
+
+
 def tuned_tile_plan(rows: int = 0, fwd_num_warps: int = 0, stages: int = 0):
     """A replacement of ``_tile_plan`` with the given tile height, forward warps and pipelining depth
     (0: the default's), for tuning sweeps. A tile height whose scores would not fit gives None (the
