@@ -90,8 +90,8 @@ fi
 run_tests triton "$(clamp $(( $(left) - 130 )) 30 150)" "${tests[@]}"
 
 stamp "== benchmarks (Triton and the baselines, tuned settings in force)"
-bench_budget=$(clamp $(( $(left) - 20 )) 20 150)
-timeout $(( bench_budget + 30 )) "$PY" bench/run_gpu.py --out "$OUT" --no-copy --budget "$bench_budget" \
+bench_budget=$(clamp $(( $(left) - 45 )) 20 150)
+timeout $(( bench_budget + 15 )) "$PY" bench/run_gpu.py --out "$OUT" --no-copy --budget "$bench_budget" \
   --sections bandwidth,attention,prompt_add,graphs --providers triton,reference,unfused ${SA2VP_BENCH_ARGS:-} \
   >"$OUT/bench.log" 2>&1
 summary+=("benchmarks: rc $? (bench.log)")
