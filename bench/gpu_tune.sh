@@ -78,7 +78,7 @@ else
   fi
   cat "$OUT/apply-tuning.log" 2>/dev/null | cut -c1-240
 fi
-"$PY" -c 'from sa2vp_kernels.triton import tuning; print("tuned file in force:", tuning.active_file())'
+"$PY" -m sa2vp_kernels.triton.show_tuning
 
 stamp "== GPU tests (Triton)"
 if [ -n "${SA2VP_TUNE_TESTS:-}" ]; then

@@ -318,3 +318,23 @@ def test_this_gpus_tuned_settings_match_the_references(monkeypatch):
             assert got <= 1.5 * want + 1e-3, (key, tuned_attn[key], base_attn[key])
     for got, want in zip(tuned_pa, base_pa):
         assert got <= 1.5 * want + 1e-3, (tuned_pa, base_pa)
+
+
+def test_show_tuning_lists_or_rejects_a_file(tmp_path, monkeypatch, capsys):
+    from sa2vp_kernels.triton import show_tuning
+
+    doc = _doc(local_attention=[{"max_head_dim": 64, "settings": {"fwd_early_v": True, "rows": 1}}])
+    path = _write(tmp_path, doc)
+    assert show_tuning.main([path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"tuned settings: {path} (float16/bfloat16 inputs)"
+    assert out[1:] == ["  local_attention (max_head_dim 64): fwd_early_v=True, rows=1", "  prompt_add: the built-in defaults"]
+    bad = _write(tmp_path, _doc(prompt_add=[{"settings": {"block_m": 3}}]), "bad.json")
+    assert show_tuning.main([bad]) == 1
+    assert "bad.json: prompt_add[0]: 'block_m' must be a power of two, got 3" in capsys.readouterr().err
+    monkeypatch.setenv(tuning.ENV, "off")
+    assert show_tuning.main([]) == 0
+    assert capsys.readouterr().out.strip() == "no tuned settings in force (SA2VP_TRITON_TUNED=off): the built-in defaults"
+    monkeypatch.setenv(tuning.ENV, path)
+    assert show_tuning.main([]) == 0
+    assert capsys.readouterr().out.startswith(f"tuned settings: {path}")

@@ -33,6 +33,7 @@ An op uses the settings of the first entry whose bounds hold for its call (``min
   ``prompt_add.tuned_row_blocks``; only where the default is chunked rows and the tiles fit).
 
 ``override(...)`` forces settings for a block of code on every device and dtype (benchmarks, tests).
+``python -m sa2vp_kernels.triton.show_tuning [FILE]`` prints the settings in force (or checks a file).
 """
 from __future__ import annotations
 
@@ -205,3 +206,24 @@ def override(local_attention: Optional[dict] = None, prompt_add: Optional[dict] 
         yield
     finally:
         _forced = saved
+
+
+def describe(path: Optional[str] = None) -> str:
+    """What applies: the file (``path``, or the one in force on the current GPU) and its entries."""
+    if path is None:
+        path = active_file()
+        if path is None:
+            env = os.environ.get(ENV, "").strip()
+            why = (f"{ENV}={env}" if env else
+                   "no CUDA device" if not torch.cuda.is_available() else
+                   f"no file {TUNED_DIR / (device_tag(torch.cuda.get_device_name()) + '.json')}")
+            return f"no tuned settings in force ({why}): the built-in defaults"
+    lines = [f"tuned settings: {path} (float16/bfloat16 inputs)"]
+    for op, entries in _load(str(path)).items():
+        for bounds, settings in entries:
+            where = ", ".join(f"{k} {v}" for k, v in bounds.items()) or "every call"
+            lines.append(f"  {op} ({where}): " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        if not entries:
+            lines.append(f"  {op}: the built-in defaults")
+    return "\n".join(lines)
+
