@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default="cuda,triton,unfused",
                         help="comma-separated providers to time (default: cuda,triton,unfused)")
     parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. triton)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few rows per op (the defaults, a fused attention, the fused dq, a prompt_add "
+                             "configuration, a backward switch, the unfused modules); no sweeps, no diagnostics")
     args = parser.parse_args(argv)
     if not os.path.exists("/dev/nvidia0"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -225,15 +228,24 @@ def main(argv=None) -> int:
     # In order of need (a run cut short keeps the first rows): the defaults and the structural variants of
     # both ops, then the launch-plan sweeps, then the diagnostics.
     attn_variants = _attention_variants()
+    pa_variants = _prompt_add_variants()
+    if args.quick:
+        attn_variants = [v for v in attn_variants
+                         if v[0] in ("cuda default", "triton", "triton fused", "triton fused fwd+dq")]
+        pa_variants = [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton m32 w8 c128",
+                                                           "triton torch-sums", "unfused")]
     first = [v for v in attn_variants if v[1] == "cuda" or v[0] == "triton" or "fused" in v[0] or "early" in v[0]]
     attn_cases = [common.AttnCase(batch, heads, dim, grid=grid, window=3, border="clip", dtype=dtype)
                   for heads, dim in layouts]
     for case in attn_cases:
         attention(case, first)
-    pa_variants = _prompt_add_variants()
     prompt_add(common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.1, dtype=dtype), pa_variants)
     for case in attn_cases:
         attention(case, [v for v in attn_variants if v not in first])
+    if args.quick:
+        common.write_results(results, [path])
+        print(f"results: {path}")
+        return 0
     # Diagnostics: the cost of the prefix queries and of dropout.
     for heads, dim in layouts:
         attention(common.AttnCase(batch, heads, dim, grid=grid, window=3, num_prefix=0, border="clip", dtype=dtype),

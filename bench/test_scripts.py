@@ -337,3 +337,38 @@ def test_apply_tuning_keeps_what_beat_the_defaults(tmp_path, monkeypatch):
         apply_tuning.main([str(cpu)])
     with pytest.raises(SystemExit):
         apply_tuning.main([str(src), str(_variants_file(tmp_path, plain[:2], device="Other GPU"))])
+
+
+def test_gpu_tune_script_dry_run(tmp_path):
+    """bench/gpu_tune.sh end to end on the CPU (tiny shapes, few variants, the CUDA steps left out by
+    their time threshold): the variants' results, the tuned file written from them (a copy in the run's
+    folder), the Triton test step, the benchmarks' results file and the summary."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sa2vp_kernels.triton import tuning
+
+    root = Path(__file__).resolve().parents[1]
+    out, tuned = tmp_path / "out", tmp_path / "tuned" / "cpu.json"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1",
+               SA2VP_VARIANTS_ARGS="--tiny --quick", SA2VP_BENCH_ARGS="--tiny", SA2VP_TUNE_CUDA_MIN="100000",
+               SA2VP_APPLY_ARGS=f"--out {tuned} --margin 0")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_tune.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    (variants,) = out.glob("*-variants-triton.json")
+    records = json.loads(variants.read_text())["records"]
+    assert {r["variant"] for r in records} >= {"triton", "triton fused", "triton m32 w8 c128", "unfused"}
+    assert all(r["settings"] is not None for r in records if r["provider"] == "triton")
+    # --margin 0: whatever was fastest is written (timings under the interpreter mean nothing).
+    assert f"tuned settings: wrote {tuned}" in log, log
+    assert json.loads((out / tuned.name).read_text()) == json.loads(tuned.read_text())
+    tuning.parse(json.loads(tuned.read_text()))
+    assert "tests triton (rc 0)" in log and "benchmarks: rc 0" in log, log
+    (bench,) = out.glob("cpu-tiny-*.json")
+    assert {r["section"] for r in json.loads(bench.read_text())["records"]} >= {"attention", "prompt_add"}
+    assert "build, extension tests, CUDA variants: not run" in log
+    assert "prompt_add B2 N21 C32 r4 p0.1 float32 fwd" in log  # bench/variants_summary.py's table
