@@ -5,14 +5,15 @@
 #      written to failures.log as it happens);
 #   3. benchmark every op and the SA2VP model against the alternatives (bench/run_gpu.py);
 #   4. write Markdown tables and a plot (bench/report.py) and print a summary last.
-# Everything lands in $OUT (logs, <device>-<date>.json/.md/.png); the results also go to bench/results/.
+# Everything lands in $OUT (logs, <device>-<date>.json/.md/.png); the results also go to bench/results/
+# (not with SA2VP_NO_COPY=1).
 #
 #   bash bench/gpu_check.sh          # or: make gpu-check
 #
 # Environment: PYTHON (default python3), OUT (default bench/results/gpu-check-<time>),
 # SA2VP_GPU_BUDGET (seconds for the whole script, default 470), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default 16), SA2VP_TEST_WORKERS (pytest-xdist workers, default 8), SA2VP_SKIP_BUILD=1 (use
-# the extension already built), SA2VP_GPU_TESTS (test files to run, default all), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g.
+# the extension already built), SA2VP_NO_COPY=1 (results stay in $OUT), SA2VP_GPU_TESTS (test files to run, default all), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g.
 # "--sections attention,prompt_add"). Needs no network and no virtual environment.
 # To re-run only some tests with their failure reports: bash bench/gpu_rerun.sh FILE_OF_NODE_IDS.
 set -uo pipefail
@@ -83,7 +84,10 @@ echo "GPU tests: $tests"
 
 echo "== benchmarks"
 bench_budget=$(clamp $(( $(left) - 25 )) 30 3600)
-timeout $(( bench_budget + 15 )) "$PY" bench/run_gpu.py --out "$OUT" --budget "$bench_budget" ${SA2VP_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+nocopy=()
+[ "${SA2VP_NO_COPY:-0}" = "1" ] && nocopy=(--no-copy)
+timeout $(( bench_budget + 15 )) "$PY" bench/run_gpu.py --out "$OUT" --budget "$bench_budget" ${nocopy[@]+"${nocopy[@]}"} \
+  ${SA2VP_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 
 json=$(ls -t "$OUT"/*.json 2>/dev/null | head -n 1)
 echo "== summary ($(( $(date +%s) - T0 )) s in all; logs and results in $OUT)"
@@ -96,8 +100,10 @@ fi
 if [ -n "$json" ]; then
   "$PY" bench/report.py "$json" >/dev/null 2>"$OUT/report.err" || cat "$OUT/report.err"
   rm -f "$OUT/report.err"
-  cp "$json" "${json%.json}.md" bench/results/ 2>/dev/null
-  [ -f "${json%.json}.png" ] && cp "${json%.json}.png" bench/results/
+  if [ "${SA2VP_NO_COPY:-0}" != "1" ]; then
+    cp "$json" "${json%.json}.md" bench/results/ 2>/dev/null
+    [ -f "${json%.json}.png" ] && cp "${json%.json}.png" bench/results/
+  fi
   "$PY" bench/report.py "$json" --summary --no-plot 2>/dev/null
 else
   echo "no results file was written (see bench.log)"

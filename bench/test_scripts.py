@@ -372,3 +372,31 @@ def test_gpu_tune_script_dry_run(tmp_path):
     assert {r["section"] for r in json.loads(bench.read_text())["records"]} >= {"attention", "prompt_add"}
     assert "build, extension tests, CUDA variants: not run" in log
     assert "prompt_add B2 N21 C32 r4 p0.1 float32 fwd" in log  # bench/variants_summary.py's table
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """bench/gpu_check.sh end to end on the CPU (no build, one test file, tiny benchmark sections): the
+    import check, the test step, the results file with its tables, the summary; nothing is copied into
+    bench/results with SA2VP_NO_COPY=1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    before = set((root / "bench" / "results").iterdir())
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_NO_COPY="1",
+               SA2VP_GPU_BUDGET="300", SA2VP_GPU_TESTS="tests/test_triton_tuning.py",
+               SA2VP_BENCH_ARGS="--tiny --sections bandwidth,attention,prompt_add --providers triton,reference,unfused")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "import sa2vp_kernels: ok" in log and "build: skipped" in log, log
+    assert "GPU tests:" in log and "skipped" in log.split("GPU tests:")[-1], log
+    (results,) = out.glob("cpu-tiny-*.json")
+    records = json.loads(results.read_text())["records"]
+    assert {r["section"] for r in records} == {"attention", "prompt_add"} and not [r for r in records if r.get("error")]
+    assert (out / results.name.replace(".json", ".md")).exists()
+    assert set((root / "bench" / "results").iterdir()) == before
