@@ -18,7 +18,8 @@
 #   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
 # <device>-<date>-variants-{triton,cuda}.json. bench/variants_summary.py prints every timing last,
-# per case against the default and the targets.
+# per case against the default and the targets. `python3 bench/collect_tune.py $OUT` (on the machine
+# that commits) puts the tuned file into the package and the results and logs into bench/results.
 #
 #   bash bench/gpu_tune.sh          # or: make gpu-tune
 #

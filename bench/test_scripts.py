@@ -400,3 +400,42 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert {r["section"] for r in records} == {"attention", "prompt_add"} and not [r for r in records if r.get("error")]
     assert (out / results.name.replace(".json", ".md")).exists()
     assert set((root / "bench" / "results").iterdir()) == before
+
+
+def test_collect_tune_copies_a_run_into_place(tmp_path, monkeypatch, capsys):
+    """bench/collect_tune.py: the tuned file into the package's tuned/ folder (checked first), the results
+    and logs into bench/results with the device and date in their names; a CPU dry run and a malformed
+    tuned file are refused."""
+    import collect_tune
+
+    from sa2vp_kernels.triton import tuning
+
+    root = tmp_path / "repo"
+    monkeypatch.setattr(collect_tune, "ROOT", root)
+    monkeypatch.setattr(tuning, "TUNED_DIR", root / "tuned")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("nvidia-h100-80gb-hbm3-2026-11-28-variants-triton.json", "nvidia-h100-80gb-hbm3-2026-11-28.json",
+                 "nvidia-h100-80gb-hbm3-2026-11-28.md", "bench.log", "pytest-triton.log", "apply-tuning.log"):
+        (out / name).write_text(name)
+    tuned = {"format": 1, "device": "NVIDIA H100 80GB HBM3", "prompt_add": [{"settings": {"block_m": 32}}]}
+    (out / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(tuned))
+    assert collect_tune.main([str(out)]) == 0
+    results = root / "bench" / "results"
+    assert sorted(p.name for p in results.iterdir()) == [
+        "nvidia-h100-80gb-hbm3-2026-11-28-tune-apply-tuning.log", "nvidia-h100-80gb-hbm3-2026-11-28-tune-bench.log",
+        "nvidia-h100-80gb-hbm3-2026-11-28-tune-pytest-triton.log", "nvidia-h100-80gb-hbm3-2026-11-28-variants-triton.json",
+        "nvidia-h100-80gb-hbm3-2026-11-28.json", "nvidia-h100-80gb-hbm3-2026-11-28.md"]
+    assert (results / "nvidia-h100-80gb-hbm3-2026-11-28-tune-bench.log").read_text() == "bench.log"
+    assert json.loads((root / "tuned" / "nvidia-h100-80gb-hbm3.json").read_text()) == tuned
+    assert "git add " in capsys.readouterr().out
+
+    tuned["prompt_add"][0]["settings"]["block_m"] = 3
+    (out / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(tuned))
+    assert collect_tune.main([str(out), "--dry-run"]) == 1
+    assert "'block_m' must be a power of two" in capsys.readouterr().err
+    dry = tmp_path / "dry"
+    dry.mkdir()
+    (dry / "cpu-2026-11-28-variants-triton.json").write_text("{}")
+    assert collect_tune.main([str(dry)]) == 1
+    assert "dry run on the CPU" in capsys.readouterr().err
