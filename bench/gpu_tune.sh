@@ -23,6 +23,8 @@
 #
 #   bash bench/gpu_tune.sh          # or: make gpu-tune
 #
+# Steps 1-5 are named variants, apply, tests, bench, cuda; SA2VP_TUNE_STEPS (comma-separated) runs only
+# some of them, e.g. SA2VP_TUNE_STEPS=cuda for the CUDA steps in a second, shorter call.
 # Environment: PYTHON (default python3), OUT, SA2VP_TUNE_BUDGET, SA2VP_TUNE_APPLY, SA2VP_TUNE_CUDA_MIN,
 # SA2VP_SKIP_BUILD=1, TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16), SA2VP_TUNE_TESTS /
 # SA2VP_TUNE_TESTS_EXT (pytest node ids or -k expressions replacing the defaults below),
@@ -56,22 +58,28 @@ run_tests() {  # name, timeout, then pytest arguments
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
+STEPS=",${SA2VP_TUNE_STEPS:-variants,apply,tests,bench,cuda},"
+step() { [[ "$STEPS" == *",$1,"* ]]; }
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")'
 
+if step variants; then
 stamp "== Triton variants"
 timeout "$(clamp $(( $(left) - 260 )) 60 300)" "$PY" bench/gpu_variants.py --providers triton,unfused --tag triton \
   --out "$OUT" ${SA2VP_VARIANTS_ARGS:-} >"$OUT/variants-triton.log" 2>&1
 summary+=("triton variants: rc $?")
+fi
 
 stamp "== tuned settings"
-if [ "${SA2VP_TUNE_APPLY:-1}" = "0" ]; then
-  summary+=("tuned settings: not applied (SA2VP_TUNE_APPLY=0)")
+if ! step apply || [ "${SA2VP_TUNE_APPLY:-1}" = "0" ]; then
+  summary+=("tuned settings: not applied (SA2VP_TUNE_APPLY=0 or no apply step)")
 else
   variants_json=$(ls -t "$OUT"/*-variants-triton.json 2>/dev/null | head -n 1)
-  if [ -n "$variants_json" ] && "$PY" bench/apply_tuning.py "$variants_json" --copy "$OUT" ${SA2VP_APPLY_ARGS:-} \
+  if [ -z "$variants_json" ]; then
+    summary+=("tuned settings: no Triton variants results in $OUT")
+  elif "$PY" bench/apply_tuning.py "$variants_json" --copy "$OUT" ${SA2VP_APPLY_ARGS:-} \
        >"$OUT/apply-tuning.log" 2>&1; then
     summary+=("tuned settings: $(grep -E '^(wrote|removed)' "$OUT/apply-tuning.log" || echo 'none written (the defaults won)')")
   else
@@ -81,6 +89,7 @@ else
 fi
 "$PY" -m sa2vp_kernels.triton.show_tuning
 
+if step tests; then
 stamp "== GPU tests (Triton)"
 if [ -n "${SA2VP_TUNE_TESTS:-}" ]; then
   read -r -a tests <<<"$SA2VP_TUNE_TESTS"
@@ -89,16 +98,21 @@ else
          tests/test_compile.py -k "triton or fused or tuned")
 fi
 run_tests triton "$(clamp $(( $(left) - 130 )) 30 150)" "${tests[@]}"
+fi
 
+if step bench; then
 stamp "== benchmarks (Triton and the baselines, tuned settings in force)"
 bench_budget=$(clamp $(( $(left) - 45 )) 20 150)
 timeout $(( bench_budget + 15 )) "$PY" bench/run_gpu.py --out "$OUT" --no-copy --budget "$bench_budget" \
   --sections bandwidth,attention,prompt_add,graphs --providers triton,reference,unfused ${SA2VP_BENCH_ARGS:-} \
   >"$OUT/bench.log" 2>&1
 summary+=("benchmarks: rc $? (bench.log)")
+fi
 bench_json=$(ls -t "$OUT"/*-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json 2>/dev/null | head -n 1)
 
-if (( $(left) >= ${SA2VP_TUNE_CUDA_MIN:-230} )); then
+if ! step cuda; then
+  summary+=("build, extension tests, CUDA variants: not run (SA2VP_TUNE_STEPS)")
+elif (( $(left) >= ${SA2VP_TUNE_CUDA_MIN:-230} )); then
   stamp "== build"
   if [ "${SA2VP_SKIP_BUILD:-0}" = "1" ]; then
     summary+=("build: skipped")
@@ -138,7 +152,9 @@ stamp "== summary ($OUT)"
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/diag-bad-args.log" ] && cut -c1-140 "$OUT/diag-bad-args.log" | grep -E "rc=" | head -n 8
 grep -h -E " ERROR " "$OUT"/variants-*.log 2>/dev/null | cut -c1-160
-"$PY" bench/variants_summary.py "$OUT"/*-variants-*.json | tee "$OUT/variants-summary.txt" | cut -c1-150
+if ls "$OUT"/*-variants-*.json >/dev/null 2>&1; then
+  "$PY" bench/variants_summary.py "$OUT"/*-variants-*.json | tee "$OUT/variants-summary.txt" | cut -c1-150
+fi
 if [ -n "$bench_json" ]; then
   "$PY" bench/report.py "$bench_json" --summary --no-plot 2>&1 | tail -n 40
 fi

@@ -439,3 +439,26 @@ def test_collect_tune_copies_a_run_into_place(tmp_path, monkeypatch, capsys):
     (dry / "cpu-2026-11-28-variants-triton.json").write_text("{}")
     assert collect_tune.main([str(dry)]) == 1
     assert "dry run on the CPU" in capsys.readouterr().err
+
+
+def test_gpu_tune_script_cuda_steps_alone(tmp_path):
+    """SA2VP_TUNE_STEPS=cuda: only the CUDA steps (here without a build; the CUDA rows record that the
+    tensors are on the CPU), for a second, shorter call on a lent GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TUNE_STEPS="cuda",
+               SA2VP_VARIANTS_ARGS="--tiny --quick", SA2VP_TUNE_TESTS_EXT="tests/test_cuda_variants_gpu.py")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_tune.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert not list(out.glob("*-variants-triton.json")) and not (out / "bench.log").exists()
+    assert "tuned settings: not applied" in log
+    assert "build: skipped" in log and "diag_bad_args: rc 0" in log and "cuda variants: rc 0" in log, log
+    (variants,) = out.glob("*-variants-cuda.json")
+    assert {r["provider"] for r in json.loads(variants.read_text())["records"]} == {"cuda"}
