@@ -94,8 +94,8 @@ def _backward_switches(records: list[dict], keys: tuple, margin: float, pairs_fr
 def _note(default: dict | None, chosen: dict | None, evidence: list) -> dict:
     note = {}
     if default is not None and chosen is not None:
-        note["fwd"] = {"case": default["case"], "default_ms": round(default["ms"], 5), "tuned_ms": round(chosen["ms"], 5),
-                       "variant": chosen["variant"]}
+        note["fwd"] = {"case": default["case"], "default_ms": round(default["ms"], 5),
+                       "tuned_ms": round(chosen["ms"], 5), "variant": chosen["variant"]}
     for key, value, rec, other in evidence:
         note.setdefault("fwd+bwd", []).append({"setting": key, "value": value, "ms": round(rec["ms"], 5),
                                                 "without_ms": round(other["ms"], 5), "variant": rec["variant"]})

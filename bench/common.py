@@ -812,8 +812,8 @@ def new_results(device, source: str) -> dict:
 
         tuned = tuning.active_file(dev)
         root = Path(__file__).resolve().parent.parent
-        meta["triton_tuned"] = (str(Path(tuned).resolve().relative_to(root)) if tuned and Path(tuned).resolve().is_relative_to(root)
-                                else tuned)
+        inside = tuned is not None and Path(tuned).resolve().is_relative_to(root)
+        meta["triton_tuned"] = str(Path(tuned).resolve().relative_to(root)) if inside else tuned
     except (ImportError, ValueError) as exc:
         meta["triton_tuned"] = f"error: {exc}"
     if dev.type == "cuda":

@@ -979,7 +979,8 @@ TUNE_SETTINGS = (
     {"fwd_early_v": True},
     {"fwd_fused_prefix": True},
     {"fwd_fused_prefix": True, "fwd_early_v": True},
-    *({"fwd_fused_prefix": True, **_plan_settings(plan)} for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
+    *({"fwd_fused_prefix": True, **_plan_settings(plan)}
+      for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
     *({"fwd_fused_prefix": True, "fwd_early_v": True, **_plan_settings(plan)}
       for plan in ((4, 4, 0), (0, 4, 0), (1, 4, 0), (1, 2, 0))),
 )
