@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -753,10 +752,12 @@ def device_name(device) -> str:
 
 def device_tag(device) -> str:
     """File-name tag: ``cpu`` on the CPU, the card's name in lower case with dashes on a GPU."""
+    from sa2vp_kernels.triton.tuning import device_tag as tag_of  # (the tuned files' names, the same tags)
+
     dev = torch.device(device)
     if dev.type != "cuda":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
+    return tag_of(device_name(dev))
 
 
 def git_commit() -> str | None:

@@ -60,39 +60,36 @@ def _calls(only):
         out.append(("cuda prompt_add not staged", 1, lambda: cuda_prompt_add("0")))
         out.append(("cuda prompt_add staged", 1, lambda: cuda_prompt_add("1")))
     if only in ("all", "triton"):
-        from sa2vp_kernels.triton import local_attn as tla
         from sa2vp_kernels.triton import prompt_add as tpa
+        from sa2vp_kernels.triton import tuning
 
-        def with_attrs(mod, fn, **attrs):
+        def with_settings(fn, op, **settings):
+            """fn with these launch settings (tuning.override: no tuned file applies, so every row is
+            labelled by what it runs)."""
             def call():
-                saved = {k: getattr(mod, k) for k in attrs}
-                for k, v in attrs.items():
-                    setattr(mod, k, v)
-                try:
+                with tuning.override(**{op: settings}):
                     fn()
-                finally:
-                    for k, v in saved.items():
-                        setattr(mod, k, v)
             return call
 
         for heads, dim in qkv:
             def attn(hd=(heads, dim)):
                 sk.local_cross_attention(*qkv[hd], (14, 14), backend="triton")
 
-            out.append((f"triton attention {heads}x{dim}", 1, with_attrs(tla, attn, FWD_FUSED_PREFIX=False)))
+            out.append((f"triton attention {heads}x{dim}", 1,
+                        with_settings(attn, "local_attention", fwd_fused_prefix=False)))
             out.append((f"triton attention {heads}x{dim} fused prefix", 2,
-                        with_attrs(tla, attn, FWD_FUSED_PREFIX=True)))
+                        with_settings(attn, "local_attention", fwd_fused_prefix=True)))
             out.append((f"triton attention {heads}x{dim} fused prefix rows4 w4", 2,
-                        with_attrs(tla, with_attrs(tla, attn, _tile_plan=tla.tuned_tile_plan(4, 4, 0)),
-                                   FWD_FUSED_PREFIX=True)))
+                        with_settings(attn, "local_attention", fwd_fused_prefix=True, rows=4, fwd_num_warps=4)))
 
         def triton_prompt_add():
             tpa.prompt_add_fwd(*args, 0.1, 0.1, 1e-6, 7)
 
-        out.append(("triton prompt_add one pass", 1, with_attrs(tpa, triton_prompt_add, FWD_ONE_PASS=True)))
-        out.append(("triton prompt_add three passes", 1, with_attrs(tpa, triton_prompt_add, FWD_ONE_PASS=False)))
-        out.append(("triton prompt_add one pass m32 w8 c128", 1, with_attrs(
-            tpa, triton_prompt_add, FWD_ONE_PASS=True, _row_blocks=tpa.tuned_row_blocks(32, 8, 128))))
+        out.append(("triton prompt_add one pass", 1, with_settings(triton_prompt_add, "prompt_add", fwd_one_pass=True)))
+        out.append(("triton prompt_add three passes", 1,
+                    with_settings(triton_prompt_add, "prompt_add", fwd_one_pass=False)))
+        out.append(("triton prompt_add one pass m32 w8 c128", 1, with_settings(
+            triton_prompt_add, "prompt_add", fwd_one_pass=True, block_m=32, num_warps=8, block_c=128)))
     return out
 
 
