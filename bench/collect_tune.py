@@ -8,18 +8,21 @@ repository, ready to commit.
 * the tuned file (``<device>.json`` in tuning.py's format) goes to ``sa2vp_kernels/triton/tuned/``,
   after the same check the package applies;
 * the variants' results (``<device>-<date>-variants-*.json``), the benchmarks' results file
-  (``<device>-<date>.json`` and its ``.md``) and the logs go to ``bench/results/``, the logs renamed
-  ``<device>-<date>-tune-<log name>`` so that runs on other cards or days do not collide.
+  (``<device>-<date>.json`` and its ``.md``) and the logs (loose, or in the run's ``logs.tar.gz``) go to
+  ``bench/results/`` as ``<device>-<date>-tune[-variants-*].json``, ``<device>-<date>-tune.md`` and
+  ``<device>-<date>-tune-<log name>``. Where another run of the same card and day is already there
+  (other contents under those names), this run's names take ``-tune2``, ``-tune3``, ...: no earlier
+  results are replaced. Collecting the same run again rewrites the same files.
 
-Files already there are replaced. Nothing else is touched.
+Nothing else is touched.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,30 +31,55 @@ LOGS = ("variants-triton.log", "variants-cuda.log", "apply-tuning.log", "variant
 _DATED = re.compile(r"^(?P<tag>[a-z0-9-]+?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<rest>.*)\.(json|md|png)$")
 
 
-def plan(out: Path) -> list[tuple[Path, Path]]:
-    """(source, destination) pairs for the run folder ``out``."""
+ARCHIVE = "logs.tar.gz"  # bench/gpu_tune.sh packs its logs into it (the device tool brings back 8 files)
+
+
+def _logs(out: Path) -> dict[str, bytes]:
+    """The run's logs by name: loose files and the members of its log archive."""
+    logs = {}
+    archive = out / ARCHIVE
+    if archive.is_file():
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name
+                if member.isfile() and "/" not in name and (name in LOGS or re.fullmatch(r"pytest-[\w.-]+\.log", name)):
+                    logs[name] = tar.extractfile(member).read()
+    for name in LOGS:
+        if (out / name).is_file():
+            logs[name] = (out / name).read_bytes()
+    for log in sorted(out.glob("pytest-*.log")):
+        logs[log.name] = log.read_bytes()
+    return logs
+
+
+def plan(out: Path) -> list[tuple[bytes, Path, str]]:
+    """(contents, destination, source name) for the run folder ``out``."""
     from sa2vp_kernels.triton import tuning
 
-    pairs, tag, date = [], None, None
+    dated, tag, date = [], None, None
     for src in sorted(out.iterdir()):
         m = _DATED.match(src.name)
         if m and src.is_file():
             if m["tag"] == "cpu" or m["tag"].startswith("cpu-"):
                 raise ValueError(f"{src.name}: results of a dry run on the CPU, not of a GPU")
+            if tag is not None and (m["tag"], m["date"]) != (tag, date):
+                raise ValueError(f"{out}: results of two runs ({tag}-{date} and {m['tag']}-{m['date']})")
             tag, date = m["tag"], m["date"]
-            pairs.append((src, ROOT / "bench" / "results" / src.name))
+            dated.append((src, m["rest"], src.suffix))
     if tag is None:
         raise ValueError(f"{out}: no results files (<device>-<date>*.json) from bench/gpu_tune.sh")
+    files = [(src.read_bytes(), rest + suffix, src.name) for src, rest, suffix in dated]
+    files += [(data, f"-{name}", name) for name, data in sorted(_logs(out).items())]
+    results = ROOT / "bench" / "results"
+    for n in range(1, 1000):
+        prefix = f"{tag}-{date}-tune{n if n > 1 else ''}"
+        pairs = [(data, results / f"{prefix}{rest}", name) for data, rest, name in files]
+        if all(not dst.exists() or dst.read_bytes() == data for data, dst, _ in pairs):
+            break
     tuned = out / f"{tag}.json"
     if tuned.exists():
         tuning.parse(json.loads(tuned.read_text()), str(tuned))
-        pairs.append((tuned, tuning.TUNED_DIR / tuned.name))
-    for name in LOGS:
-        log = out / name
-        if log.exists():
-            pairs.append((log, ROOT / "bench" / "results" / f"{tag}-{date}-tune-{name}"))
-    for log in sorted(out.glob("pytest-*.log")):
-        pairs.append((log, ROOT / "bench" / "results" / f"{tag}-{date}-tune-{log.name}"))
+        pairs.append((tuned.read_bytes(), tuning.TUNED_DIR / tuned.name, tuned.name))
     return pairs
 
 
@@ -69,13 +97,15 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for src, dst in pairs:
-        print(f"{src} -> {dst.relative_to(ROOT)}")
+    for data, dst, name in pairs:
+        print(f"{out / name} -> {dst.relative_to(ROOT)}")
         if not args.dry_run:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(dst)
     if not args.dry_run:
-        print("git add " + " ".join(str(dst.relative_to(ROOT)) for _, dst in pairs))
+        print("git add " + " ".join(str(dst.relative_to(ROOT)) for _, dst, _ in pairs))
     return 0
 
 

@@ -5,8 +5,9 @@
 #      written to failures.log as it happens);
 #   3. benchmark every op and the SA2VP model against the alternatives (bench/run_gpu.py);
 #   4. write Markdown tables and a plot (bench/report.py) and print a summary last.
-# Everything lands in $OUT (logs, <device>-<date>.json/.md/.png); the results also go to bench/results/
-# (not with SA2VP_NO_COPY=1).
+# Everything lands in $OUT (<device>-<date>.json/.md/.png, and the logs packed into logs.tar.gz at the end:
+# the device tool brings back at most 8 files); the results also go to bench/results/ (not with
+# SA2VP_NO_COPY=1).
 #
 #   bash bench/gpu_check.sh          # or: make gpu-check
 #
@@ -26,6 +27,7 @@ OUT=${OUT:-$ROOT/bench/results/gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+source bench/pack_logs.sh
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
@@ -108,3 +110,4 @@ if [ -n "$json" ]; then
 else
   echo "no results file was written (see bench.log)"
 fi
+pack_logs "$OUT"

@@ -17,7 +17,8 @@
 #      CUDA variants (bench/gpu_variants.py --providers cuda);
 #   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
-# <device>-<date>-variants-{triton,cuda}.json. bench/variants_summary.py prints every timing last,
+# <device>-<date>-variants-{triton,cuda}.json. At the end the logs are packed into $OUT/logs.tar.gz
+# (bench/pack_logs.sh: the device tool brings back at most 8 files). bench/variants_summary.py prints every timing last,
 # per case against the default and the targets. `python3 bench/collect_tune.py $OUT` (on the machine
 # that commits) puts the tuned file into the package and the results and logs into bench/results.
 #
@@ -41,6 +42,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SA2VP_FAILURE_LOG="$OUT/failures.log"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 summary=()
+source bench/pack_logs.sh
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 pytest_opts=(-m gpu -p no:cacheprovider -rfE --tb=short -v -o faulthandler_timeout=60)
@@ -95,7 +97,7 @@ if [ -n "${SA2VP_TUNE_TESTS:-}" ]; then
   read -r -a tests <<<"$SA2VP_TUNE_TESTS"
 else
   tests=(tests/test_local_attention_triton.py tests/test_prompt_add.py tests/test_triton_tuning.py
-         tests/test_compile.py -k "triton or fused or tuned")
+         tests/test_compile.py tests/test_triton_eager_launch.py -k "triton or fused or tuned or launch")
 fi
 run_tests triton "$(clamp $(( $(left) - 130 )) 30 150)" "${tests[@]}"
 fi
@@ -158,3 +160,4 @@ fi
 if [ -n "$bench_json" ]; then
   "$PY" bench/report.py "$bench_json" --summary --no-plot 2>&1 | tail -n 40
 fi
+pack_logs "$OUT"

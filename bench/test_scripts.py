@@ -164,7 +164,7 @@ def test_profile_section(tmp_path):
 
 
 def test_triton_host_script(tmp_path):
-    """bench/triton_host.py times both paths of every case (in its own process: it stubs the launches)."""
+    """bench/triton_host.py times the three paths of every case (in its own process: it stubs the launches)."""
     import os
     import subprocess
     import sys
@@ -179,7 +179,7 @@ def test_triton_host_script(tmp_path):
     assert {(r["op"], r["call"]) for r in rows} == {
         (op, call) for op in ("local_cross_attention", "prompt_add")
         for call in ("fwd (no grad)", "fwd (grad)", "fwd+bwd")}
-    assert all(r["eager_us"] > 0 and r["registered_us"] > 0 for r in rows)
+    assert all(r["eager_us"] > 0 and r["eager_hop_us"] > 0 and r["registered_us"] > 0 for r in rows)
 
 
 def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
@@ -339,10 +339,22 @@ def test_apply_tuning_keeps_what_beat_the_defaults(tmp_path, monkeypatch):
         apply_tuning.main([str(src), str(_variants_file(tmp_path, plain[:2], device="Other GPU"))])
 
 
+def _packed_logs(out) -> set:
+    """The logs in a GPU run's logs.tar.gz; the run's folder holds at most 8 files and no loose logs
+    (what the device tool brings back)."""
+    import tarfile
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    assert not [p for p in files if p.suffix in (".log", ".txt")], files
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        return set(tar.getnames())
+
+
 def test_gpu_tune_script_dry_run(tmp_path):
     """bench/gpu_tune.sh end to end on the CPU (tiny shapes, few variants, the CUDA steps left out by
     their time threshold): the variants' results, the tuned file written from them (a copy in the run's
-    folder), the Triton test step, the benchmarks' results file and the summary."""
+    folder), the Triton test step, the benchmarks' results file and the summary; the logs packed."""
     import os
     import subprocess
     import sys
@@ -372,6 +384,8 @@ def test_gpu_tune_script_dry_run(tmp_path):
     assert {r["section"] for r in json.loads(bench.read_text())["records"]} >= {"attention", "prompt_add"}
     assert "build, extension tests, CUDA variants: not run" in log
     assert "prompt_add B2 N21 C32 r4 p0.1 float32 fwd" in log  # bench/variants_summary.py's table
+    assert _packed_logs(out) >= {"variants-triton.log", "apply-tuning.log", "pytest-triton.log", "bench.log",
+                                 "variants-summary.txt"}
 
 
 def test_gpu_check_script_dry_run(tmp_path):
@@ -400,12 +414,16 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert {r["section"] for r in records} == {"attention", "prompt_add"} and not [r for r in records if r.get("error")]
     assert (out / results.name.replace(".json", ".md")).exists()
     assert set((root / "bench" / "results").iterdir()) == before
+    assert _packed_logs(out) >= {"build.log", "pytest-gpu.log", "bench.log"}
 
 
 def test_collect_tune_copies_a_run_into_place(tmp_path, monkeypatch, capsys):
     """bench/collect_tune.py: the tuned file into the package's tuned/ folder (checked first), the results
-    and logs into bench/results with the device and date in their names; a CPU dry run and a malformed
-    tuned file are refused."""
+    and logs (loose or in the run's logs.tar.gz) into bench/results with the device, date and "tune" in
+    their names; another run of the same card and day gets "-tune2" names instead of replacing the first;
+    a CPU dry run and a malformed tuned file are refused."""
+    import tarfile
+
     import collect_tune
 
     from sa2vp_kernels.triton import tuning
@@ -415,20 +433,36 @@ def test_collect_tune_copies_a_run_into_place(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tuning, "TUNED_DIR", root / "tuned")
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("nvidia-h100-80gb-hbm3-2026-11-28-variants-triton.json", "nvidia-h100-80gb-hbm3-2026-11-28.json",
-                 "nvidia-h100-80gb-hbm3-2026-11-28.md", "bench.log", "pytest-triton.log", "apply-tuning.log"):
+    tag = "nvidia-h100-80gb-hbm3-2026-11-28"
+    for name in (f"{tag}-variants-triton.json", f"{tag}.json", f"{tag}.md", "bench.log", "pytest-triton.log"):
         (out / name).write_text(name)
+    packed = tmp_path / "apply-tuning.log"
+    packed.write_text("packed apply-tuning.log")
+    stray = tmp_path / "notes.sh"
+    stray.write_text("not a log")
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(packed, arcname="apply-tuning.log")
+        tar.add(stray, arcname="notes.sh")
     tuned = {"format": 1, "device": "NVIDIA H100 80GB HBM3", "prompt_add": [{"settings": {"block_m": 32}}]}
     (out / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(tuned))
     assert collect_tune.main([str(out)]) == 0
     results = root / "bench" / "results"
-    assert sorted(p.name for p in results.iterdir()) == [
-        "nvidia-h100-80gb-hbm3-2026-11-28-tune-apply-tuning.log", "nvidia-h100-80gb-hbm3-2026-11-28-tune-bench.log",
-        "nvidia-h100-80gb-hbm3-2026-11-28-tune-pytest-triton.log", "nvidia-h100-80gb-hbm3-2026-11-28-variants-triton.json",
-        "nvidia-h100-80gb-hbm3-2026-11-28.json", "nvidia-h100-80gb-hbm3-2026-11-28.md"]
-    assert (results / "nvidia-h100-80gb-hbm3-2026-11-28-tune-bench.log").read_text() == "bench.log"
+    first = [f"{tag}-tune-apply-tuning.log", f"{tag}-tune-bench.log", f"{tag}-tune-pytest-triton.log",
+             f"{tag}-tune-variants-triton.json", f"{tag}-tune.json", f"{tag}-tune.md"]
+    assert sorted(p.name for p in results.iterdir()) == first
+    assert (results / f"{tag}-tune-bench.log").read_text() == "bench.log"
+    assert (results / f"{tag}-tune-apply-tuning.log").read_text() == "packed apply-tuning.log"
     assert json.loads((root / "tuned" / "nvidia-h100-80gb-hbm3.json").read_text()) == tuned
     assert "git add " in capsys.readouterr().out
+
+    assert collect_tune.main([str(out)]) == 0  # the same run again: the same names
+    assert sorted(p.name for p in results.iterdir()) == first
+    (out / f"{tag}.json").write_text("a second run")
+    assert collect_tune.main([str(out)]) == 0
+    second = sorted(p.name for p in results.iterdir() if p.name not in first)
+    assert second == [name.replace("-tune", "-tune2") for name in first]
+    assert (results / f"{tag}-tune.json").read_text() == f"{tag}.json"  # the first run's results kept
+    assert (results / f"{tag}-tune2.json").read_text() == "a second run"
 
     tuned["prompt_add"][0]["settings"]["block_m"] = 3
     (out / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(tuned))
@@ -457,7 +491,8 @@ def test_gpu_tune_script_cuda_steps_alone(tmp_path):
                           text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert not list(out.glob("*-variants-triton.json")) and not (out / "bench.log").exists()
+    assert not list(out.glob("*-variants-triton.json"))
+    assert "bench.log" not in _packed_logs(out) and "variants-cuda.log" in _packed_logs(out)
     assert "tuned settings: not applied" in log
     assert "build: skipped" in log and "diag_bad_args: rc 0" in log and "cuda variants: rc 0" in log, log
     (variants,) = out.glob("*-variants-cuda.json")

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Host time of eager calls of the Triton backend, without the kernels, by the two paths a call can take.
+"""Host time of eager calls of the Triton backend, without the kernels, by the paths a call can take.
 
     python bench/triton_host.py [--rounds 400] [--out bench/results]
 
-Runs on CPU tensors under TRITON_INTERPRET=1 with every kernel launch replaced by a no-op, so what is
-timed is everything around the launches: the public entry point's checks, the dispatch, the autograd
-bookkeeping, the launchers' allocations and argument set-up. (Triton's own launcher, which needs a GPU,
-comes on top on either path.) The two paths:
+Runs on CPU tensors with the Triton kernels compiled as they are for a GPU (no TRITON_INTERPRET) and
+Triton's launch itself (``JITFunction.run``) replaced by a no-op, so what is timed is everything around
+the launches: the public entry point's checks, the dispatch, the autograd bookkeeping, the launchers'
+allocations and argument set-up, and torch's ``wrap_triton`` (Triton's own launcher, which needs a GPU,
+comes on top on every path). The paths:
 
 * ``eager``: what eager calls take, the launchers inside a plain ``torch.autograd.Function``
-  (``sa2vp_kernels._dispatch.eager_triton``);
+  (``sa2vp_kernels._dispatch.eager_triton``), launching directly (``_dispatch.direct_launches``);
+* ``eager_hop``: the same, but every launch through ``wrap_triton``'s higher-order-op dispatch, as eager
+  calls launched before ``direct_launches`` (what tracing needs, and what eager calls do not);
 * ``registered``: the registered ``triton_op``s with their generated autograd, what ``torch.compile``
   and dispatch modes see.
 
@@ -27,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: the kernels as on a GPU
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -35,30 +38,29 @@ sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sa2vp_kernels as sk  # noqa: E402
+from sa2vp_kernels import _dispatch  # noqa: E402
 
-PATHS = ("eager", "registered")
-
-
-class _NoLaunch:
-    """Stands in for ``wrap_triton(kernel)``: indexing by the grid gives a launcher that does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+PATHS = ("eager", "eager_hop", "registered")
+# (the package exports the functions under the modules' names: the modules come from importlib)
+_MODULES = tuple(importlib.import_module(f"sa2vp_kernels.{name}") for name in ("local_attention", "prompt_add"))
+_EAGER_TRITON, _SET_WRAP = _dispatch.eager_triton, _dispatch._set_wrap_triton_enabled
 
 
 def _stub_launches() -> None:
-    for name in ("sa2vp_kernels.triton.local_attn", "sa2vp_kernels.triton.prompt_add"):
-        importlib.import_module(name).wrap_triton = lambda kernel: _NoLaunch()
+    """Triton's launch becomes a no-op, and the Triton backend is allowed on CPU tensors."""
+    JITFunction.run = lambda self, *args, **kwargs: None
+    for module in _MODULES:
+        module._resolve_backend = lambda backend, device: "triton"
 
 
 def _set_path(path: str) -> None:
-    from sa2vp_kernels import _dispatch
-
-    choice = _dispatch.eager_triton if path == "eager" else (lambda *tensors: False)
-    for name in ("sa2vp_kernels.local_attention", "sa2vp_kernels.prompt_add"):
-        importlib.import_module(name).eager_triton = choice
+    _dispatch._set_wrap_triton_enabled = None if path == "eager_hop" else _SET_WRAP
+    choice = _EAGER_TRITON if path != "registered" else (lambda *tensors: False)
+    for module in _MODULES:
+        module.eager_triton = choice
 
 
 def _calls() -> dict:
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     _stub_launches()
-    results = common.new_results(torch.device("cpu"), source="bench/triton_host.py (launches stubbed, interleaved)")
+    results = common.new_results(torch.device("cpu"), source="bench/triton_host.py (Triton launches stubbed, interleaved)")
     results["meta"]["rounds"] = args.rounds
     rows = []
     for (op, what), fn in _calls().items():
@@ -110,9 +112,10 @@ def main(argv=None) -> int:
                     times[p].append((time.perf_counter() - t0) * 1e6)
         med = {p: statistics.median(t) for p, t in times.items()}
         rows.append({"op": op, "call": what, **{f"{p}_us": med[p] for p in PATHS},
-                     "ratio": med["registered"] / med["eager"]})
-        print(f"{op:<22} {what:<14} eager {med['eager']:7.1f} us   registered ops {med['registered']:7.1f} us   "
-              f"{rows[-1]['ratio']:.2f}x", flush=True)
+                     "ratio": med["registered"] / med["eager"], "ratio_hop": med["eager_hop"] / med["eager"]})
+        print(f"{op:<22} {what:<14} eager {med['eager']:7.1f} us   through the HOP {med['eager_hop']:7.1f} us "
+              f"({rows[-1]['ratio_hop']:.2f}x)   registered ops {med['registered']:7.1f} us "
+              f"({rows[-1]['ratio']:.2f}x)", flush=True)
     _set_path("eager")
     results["host"] = rows
     out = common.write_json(Path(args.out) / f"cpu-triton-host-{results['meta']['date']}.json", results)

@@ -6,6 +6,7 @@ clear error; nothing falls back silently to another backend.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -82,6 +83,24 @@ def eager_triton(*tensors) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # a torch whose wrap_triton has no such switch
+    _set_wrap_triton_enabled = None
+
+
+def direct_launches(*tensors):
+    """Context for the launchers of an eager call (``eager_triton(*tensors)``): their
+    ``wrap_triton(kernel)[grid](...)`` launches the kernel itself rather than through torch's
+    higher-order-op dispatch, which only tracing needs and which costs hundreds of microseconds of
+    host time per launch on a GPU (where the kernels take tens). The registered ``triton_op``s do
+    the same for their real-tensor implementation. Where ``eager_triton`` is false (tracing, modes,
+    subclasses) the launches keep going through ``wrap_triton``.
+    """
+    if _set_wrap_triton_enabled is None or not eager_triton(*tensors):
+        return contextlib.nullcontext()
+    return _set_wrap_triton_enabled(False)
 
 
 def first_derivative_only(what: str):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _checks, _ext
-from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
+from ._dispatch import direct_launches, eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import attention as _ref
 
 BORDERS = ("clip", "zero")
@@ -86,7 +86,8 @@ class _EagerTritonAttention(torch.autograd.Function):
     @first_derivative_only('local_cross_attention with backend="triton"')
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _triton_ops.local_attn_bwd(grad_out, q, k, v, out, lse, *ctx.args)
+        with direct_launches(grad_out, q, k, v, out, lse):
+            dq, dk, dv = _triton_ops.local_attn_bwd(grad_out, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None
 
 
@@ -158,9 +159,11 @@ def local_cross_attention(q, k, v, grid, *, window=3, num_prefix=1, border="clip
         if not eager_triton(q, k, v):
             out, _ = _triton_ops.local_attn_fwd_triton(q, k, v, *args)
         elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out = _EagerTritonAttention.apply(q, k, v, args)
+            with direct_launches():
+                out = _EagerTritonAttention.apply(q, k, v, args)
         else:
-            out, _ = _triton_ops.local_attn_fwd(q, k, v, *args)
+            with direct_launches():
+                out, _ = _triton_ops.local_attn_fwd(q, k, v, *args)
     else:
         out, _ = torch.ops.sa2vp_kernels.local_attn_fwd(q, k, v, *args)
     return out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ext
-from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
+from ._dispatch import direct_launches, eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import prompt_add as _ref
 
 
@@ -120,7 +120,8 @@ class _EagerTritonPromptAdd(torch.autograd.Function):
     @staticmethod
     @first_derivative_only('prompt_add with backend="triton"')
     def backward(ctx, grad_out):
-        return _eager_backward(ctx, grad_out, None, None, None)
+        with direct_launches(grad_out, *ctx.saved_tensors):
+            return _eager_backward(ctx, grad_out, None, None, None)
 
 
 def _check_float(name, value, *, low, high=None, high_inclusive=False):
@@ -244,9 +245,11 @@ def prompt_add(target, message, scale, norm_weight, norm_bias, down_weight, down
         if not eager_triton(*tensors):
             out = _triton_ops.prompt_add_fwd_triton(*args)[0]
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            out = _EagerTritonPromptAdd.apply(*args)
+            with direct_launches():
+                out = _EagerTritonPromptAdd.apply(*args)
         else:
-            out = _triton_ops.prompt_add_fwd(*args)[0]
+            with direct_launches():
+                out = _triton_ops.prompt_add_fwd(*args)[0]
     else:
         out = torch.ops.sa2vp_kernels.prompt_add_fwd(*args)[0]
     return out

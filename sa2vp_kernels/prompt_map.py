@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ext
-from ._dispatch import eager_triton, first_derivative_only, resolve_backend, triton_available
+from ._dispatch import direct_launches, eager_triton, first_derivative_only, resolve_backend, triton_available
 from .reference import prompt_map as _ref
 
 
@@ -84,7 +84,8 @@ class _EagerTritonPromptMap(torch.autograd.Function):
     @staticmethod
     @first_derivative_only('prompt_map with backend="triton"')
     def backward(ctx, grad_out):
-        return _eager_backward(ctx, grad_out)
+        with direct_launches(grad_out, *ctx.saved_tensors):
+            return _eager_backward(ctx, grad_out)
 
 
 @torch.compiler.assume_constant_result
@@ -172,7 +173,8 @@ def prompt_map(embed, weight, bias, pos_embed, grid, *, num_prefix=1, embed_grid
         tensors = args[:4]
         if not eager_triton(*tensors):
             return _triton_ops.prompt_map_fwd_triton(*args)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _EagerTritonPromptMap.apply(*args)
-        return _triton_ops.prompt_map_fwd(*args)
+        with direct_launches():
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                return _EagerTritonPromptMap.apply(*args)
+            return _triton_ops.prompt_map_fwd(*args)
     return torch.ops.sa2vp_kernels.prompt_map_fwd(*args)

@@ -19,6 +19,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: longer CPU tests")
+    # pytest-timeout's marker (GPU machines run the tests under --timeout); known here without the plugin
+    config.addinivalue_line("markers", "timeout(seconds): a longer per-test limit under pytest-timeout")
 
 
 def pytest_collection_modifyitems(config, items):
