@@ -12,7 +12,8 @@ Rows:
   ``sa2vp_kernels.triton.local_attn.TUNE_PLANS`` (tile rows, warps, pipelining stages), with deeper
   pipelining of the prefix queries' key loop, with the prefix queries fused into the grid tiles
   (``fwd_fused_prefix``, also with other plans; ``bwd_fused_prefix`` the same for the backward's dq),
-  and with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64). The defaults and the
+  with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64), and with each prefix
+  query's keys split among programs (``fwd_prefix_splits``). The defaults and the
   fused variants also forward + backward. Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged

@@ -165,6 +165,59 @@ def test_fused_prefix_falls_back_to_prefix_programs(monkeypatch):
     assert tla._combine_parts_kernel not in launched
 
 
+# Prefix queries with their keys split among several programs (FWD_PREFIX_SPLITS / the tuned setting
+# fwd_prefix_splits): parts of whole key blocks, the last one shorter, combined by _combine_parts_kernel.
+# Cases: (B, H, grid, window, T, D, dtype, requested splits, parts that gives).
+SPLIT_CASES = [
+    (2, 2, (5, 7), 3, 3, 130, torch.float64, 4, 3),    # 38 keys in blocks of 16: 16 + 16 + 6
+    (1, 2, (9, 11), 5, 1, 40, torch.float64, 8, 2),    # 100 keys in blocks of 64: one block each
+    (2, 1, (4, 5), 3, 2, 130, torch.float32, 16, 1),   # 22 keys in blocks of 32: no split
+    (1, 3, (6, 4), 3, 1, 130, torch.float32, 3, 1),    # 25 keys, one block: no split
+    (1, 1, (7, 6), 3, 2, 130, torch.float32, 2, 2),    # 44 keys: 32 + 12
+]
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-T{c[4]}-D{c[5]}-"
+                         f"{str(c[6]).split('.')[-1]}-s{c[7]}")
+def test_split_prefix_matches_reference(case, border, monkeypatch):
+    B, H, grid, window, T, D, dtype, splits, parts = case
+    monkeypatch.setattr(tla, "FWD_PREFIX_SPLITS", splits)
+    cfg = tla._fwd_config(D, dtype)
+    assert tla._prefix_splits(splits, T + grid[0] * grid[1], cfg.block_n)[0] == parts
+    launched = []
+    real = tla._launch
+    monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append((kernel, kw)), real(kernel, *a, **kw)))
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, dtype=dtype, seed=7)
+    _assert_matches_reference(q, k, v, grid, window, T, border, **({"tol": 2e-5} if dtype == torch.float32 else {}))
+    fwd = [kw for kernel, kw in launched if kernel is tla._local_attn_fwd_tiled_kernel]
+    assert fwd and all(kw["PREFIX_SPLITS"] == parts for kw in fwd)
+    combines = sum(kernel is tla._combine_parts_kernel for kernel, _ in launched)
+    assert combines == (len(fwd) if parts > 1 else 0)
+
+
+def test_split_prefix_gradcheck_and_settings(monkeypatch):
+    """float64 gradcheck through the split forward (the backward reads its log-sum-exps); the tuned
+    setting fwd_prefix_splits takes precedence over the module default."""
+    from sa2vp_kernels.triton import tuning
+
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 2 + 4 * 5, 130, seed=8))
+    with tuning.override(local_attention={"fwd_prefix_splits": 2}):
+        assert torch.autograd.gradcheck(lambda q, k, v: fwd_op(q, k, v, 4, 5, 3, 2, False, 0.3)[0], (q, k, v),
+                                        fast_mode=True)
+        out, lse = fwd_op(q, k, v, 4, 5, 3, 2, False, 0.3)
+    monkeypatch.setattr(tla, "FWD_PREFIX_SPLITS", 2)
+    with tuning.override(local_attention={"fwd_prefix_splits": 1}):
+        launched = []
+        real = tla._launch
+        monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
+        out1, lse1 = fwd_op(q, k, v, 4, 5, 3, 2, False, 0.3)
+    assert tla._combine_parts_kernel not in launched
+    torch.testing.assert_close(out, out1)
+    torch.testing.assert_close(lse, lse1)
+    assert tla.settings_label({"fwd_prefix_splits": 8, "fwd_early_v": True, "fwd_num_warps": 4}) == "early-v split8 w4"
+
+
 # Window-walking fallback (taken when a tile and its halo would not fit): block sizes come from the
 # head dim; in float64, D = 8 gives 64-position blocks over a 210-position (batch * heads * grid)
 # index, D = 130 and 768 blocks of 1 to 4 positions that split slices and 3-token prefixes.
@@ -301,6 +354,17 @@ def test_gpu_fused_prefix_against_float64(dtype, heads, head_dim, border, monkey
     monkeypatch.setattr(tla, "BWD_FUSED_PREFIX", True)
     monkeypatch.setattr(tla, "FWD_EARLY_V", True)  # (12 x 64: one chunk)
     _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768)], ids=["12x64", "1x768"])
+@pytest.mark.parametrize("splits", [4, 16])
+def test_gpu_split_prefix_against_float64(dtype, heads, head_dim, splits):
+    from sa2vp_kernels.triton import tuning
+
+    with tuning.override(local_attention={"fwd_prefix_splits": splits}):  # (whatever the GPU's tuned file says)
+        _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, "clip")
 
 
 @pytest.mark.gpu

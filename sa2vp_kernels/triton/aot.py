@@ -115,18 +115,23 @@ def _record_attention(quick: bool):
     fused = [(f"{c[0]} fused prefix", *c[1:]) for c in cases if 1 <= c[6] <= mod._FUSED_PREFIX_MAX
              and "window-walking" not in c[0] and "64x64" not in c[0]]
     fused += [(f"{c[0]} fused prefix early-v", *c[1:]) for c in cases if c[0].startswith("bench")]
-    defaults = (mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V)
-    for label, B, H, gh, gw, D, T, window, dtype in cases + fused:
+    # and with each prefix query's keys split among programs (FWD_PREFIX_SPLITS), off the bench shapes
+    # (their splits are among the tune settings below)
+    split = [(f"{c[0]} split prefix", *c[1:]) for c in cases if c[6] >= 1 and not c[0].startswith("bench")
+             and "window-walking" not in c[0]]
+    defaults = (mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V, mod.FWD_PREFIX_SPLITS)
+    for label, B, H, gh, gw, D, T, window, dtype in cases + fused + split:
         N = T + gh * gw
         q, k, v = (torch.empty((B, H, N, D), dtype=dtype, device="meta") for _ in range(3))
         mod.FWD_FUSED_PREFIX = mod.BWD_FUSED_PREFIX = "fused prefix" in label
         mod.FWD_EARLY_V = label.endswith("early-v")
+        mod.FWD_PREFIX_SPLITS = 4 if label.endswith("split prefix") else 0
         try:
             with _recording(mod, "local_cross_attention", label) as rec:
                 out, lse = fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
                 bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
         finally:
-            mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V = defaults
+            mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V, mod.FWD_PREFIX_SPLITS = defaults
         yield from rec
     if quick:
         return

@@ -119,6 +119,39 @@ def _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, i,
                       BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       STAGES: tl.constexpr):
     """Prefix query ``i`` of slice ``bh`` against all N keys, online softmax over key blocks."""
+    acc, m, l = _fwd_prefix_keys(q_ptr, k_ptr, v_ptr, bh, i, 0, N, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                                 H, sc, BLOCK_N, BLOCK_D, D, STAGES)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = bh.to(tl.int64) * N + i
+    tl.store(out_ptr + row * D + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    tl.store(lse_ptr + row, m + tl.log(l))
+
+
+@triton.jit
+def _fwd_prefix_part(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, pid, T, split_len,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
+                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """Part ``pid % SPLITS`` of prefix query ``pid // SPLITS`` (of all slices, ``bh * T + i``): keys
+    ``[part * split_len, (part + 1) * split_len)``, never empty. Its normalised output and log-sum-exp
+    go to row ``pid`` of ``part_o`` / ``part_lse``; ``_combine_parts_kernel`` weighs the parts."""
+    qi = pid // SPLITS
+    start = (pid - qi * SPLITS) * split_len
+    bh = qi // T
+    acc, m, l = _fwd_prefix_keys(q_ptr, k_ptr, v_ptr, bh, qi - bh * T, start, tl.minimum(start + split_len, N),
+                                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, sc, BLOCK_N, BLOCK_D, D, STAGES)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = pid.to(tl.int64)
+    tl.store(part_o_ptr + row * D + offs_d, acc / l, mask=offs_d < D)
+    tl.store(part_lse_ptr + row, m + tl.log(l))
+
+
+@triton.jit
+def _fwd_prefix_keys(q_ptr, k_ptr, v_ptr, bh, i, n_start, n_end,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, sc,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
+    """Prefix query ``i`` of slice ``bh`` against keys ``[n_start, n_end)``, online softmax over key
+    blocks: ``(acc, m, l)``, the unnormalised output, the running maximum and the sum of weights."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
@@ -129,9 +162,9 @@ def _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, i,
     m = tl.max(tl.full([BLOCK_N], _NEG, sc.dtype), axis=0)
     l = m * 0
     acc = tl.zeros([BLOCK_D], sc.dtype)
-    for start in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+    for start in tl.range(n_start, n_end, BLOCK_N, num_stages=STAGES):
         n = start + offs_n
-        valid = n < N
+        valid = n < n_end
         mask = valid[:, None] & d_mask[None, :]
         n = n.to(tl.int64)[:, None]
         k = tl.load(k_ptr + n * skn + offs_d[None, :], mask=mask, other=0.0).to(sc.dtype)
@@ -143,9 +176,7 @@ def _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, i,
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_new
-    row = bh.to(tl.int64) * N + i
-    tl.store(out_ptr + row * D + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + row, m + tl.log(l))
+    return acc, m, l
 
 
 @triton.jit
@@ -577,9 +608,9 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
 def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
-                                 n_prefix_programs, scale_hi, scale_lo,
+                                 n_prefix_programs, split_len, scale_hi, scale_lo,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
-                                 FUSE_PREFIX: tl.constexpr, EARLY_V: tl.constexpr,
+                                 FUSE_PREFIX: tl.constexpr, EARLY_V: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                                  STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
@@ -592,10 +623,16 @@ def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_p
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
                   ZERO_BORDER, FP64, IEEE, True, EARLY_V, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
     elif pid < n_prefix_programs:
-        bh = pid // T
-        _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
-                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
-                          BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
+        if PREFIX_SPLITS > 1:
+            # each prefix query's keys in PREFIX_SPLITS parts (split_len keys each), combined afterwards
+            _fwd_prefix_part(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, pid, T, split_len,
+                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
+                             PREFIX_SPLITS, BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
+        else:
+            bh = pid // T
+            _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
+                              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
+                              BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
     else:
         _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid - n_prefix_programs,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -898,6 +935,11 @@ _PREFIX_STAGES = 2
 # this many prefix tokens; more of them, or FWD_FUSED_PREFIX off, run as programs of their own.
 FWD_FUSED_PREFIX = False
 _FUSED_PREFIX_MAX = 8
+# Otherwise, with a tile plan, each prefix query's keys can be split among this many programs (at least
+# one key block each), whose parts _combine_parts_kernel then weighs, instead of one program reading all
+# N keys (0 or 1: one program; on an H100 the 64 prefix programs of B=64, 1 x 768 set 16 % of the
+# forward's time). Off by default until timed on a GPU.
+FWD_PREFIX_SPLITS = 0
 # The tiled forward loads the values with the queries and keys where the head dim is one chunk
 # (_fwd_tile, EARLY_V); off by default until timed on a GPU (it holds the value tile through the softmax).
 FWD_EARLY_V = False
@@ -983,13 +1025,17 @@ TUNE_SETTINGS = (
       for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
     *({"fwd_fused_prefix": True, "fwd_early_v": True, **_plan_settings(plan)}
       for plan in ((4, 4, 0), (0, 4, 0), (1, 4, 0), (1, 2, 0))),
+    *({"fwd_prefix_splits": n} for n in (4, 8, 16)),
+    {"fwd_prefix_splits": 8, "fwd_early_v": True},
+    {"fwd_prefix_splits": 8, "fwd_early_v": True, "fwd_num_warps": 4},
 )
 
 
 def settings_label(settings: dict) -> str:
     """A short name of attention launch settings: ``fused early-v rows4 w4``, ``dq fused``."""
     parts = [name for key, name in (("fwd_fused_prefix", "fused"), ("fwd_early_v", "early-v")) if settings.get(key)]
-    parts += [f"{name}{settings[key]}" for key, name in (("rows", "rows"), ("fwd_num_warps", "w"), ("stages", "st"))
+    parts += [f"{name}{settings[key]}" for key, name in (("fwd_prefix_splits", "split"), ("rows", "rows"),
+                                                          ("fwd_num_warps", "w"), ("stages", "st"))
               if settings.get(key)]
     if settings.get("bwd_fused_prefix"):
         parts.append("fwd+dq" if parts == ["fused"] else "dq fused")
@@ -1034,6 +1080,15 @@ def _relaunched(plan, fwd_num_warps: int, stages: int):
     import dataclasses
 
     return dataclasses.replace(plan, fwd_num_warps=fwd_num_warps or plan.fwd_num_warps, stages=stages or plan.stages)
+
+
+def _prefix_splits(requested: int, N: int, block_n: int) -> tuple[int, int]:
+    """``(parts, keys per part)`` for splitting N keys among about ``requested`` programs, each part a
+    whole number of key blocks and none empty (``(1, N)``: no split)."""
+    if requested <= 1 or N <= block_n:
+        return 1, N
+    split_len = triton.cdiv(triton.cdiv(N, requested), block_n) * block_n
+    return triton.cdiv(N, split_len), split_len
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1095,24 +1150,32 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
                   D=D, BLOCK_D=cfg.block_d)
     if plan is not None:
         tiles = plan.tiles(grid_h)
+        splits, split_len = 1, N
         if fused:
-            part_o = torch.empty((B * H * num_prefix * tiles, D), dtype=lse.dtype, device=q.device)
-            part_lse = torch.empty((B * H * num_prefix * tiles,), dtype=lse.dtype, device=q.device)
+            parts = tiles
             n_prefix_programs = 0
+        elif num_prefix:
+            splits, split_len = _prefix_splits(tuned.get("fwd_prefix_splits", FWD_PREFIX_SPLITS), N, cfg.block_n)
+            parts = splits
+            n_prefix_programs *= splits
+        if fused or splits > 1:
+            part_o = torch.empty((B * H * num_prefix * parts, D), dtype=lse.dtype, device=q.device)
+            part_lse = torch.empty((B * H * num_prefix * parts,), dtype=lse.dtype, device=q.device)
         else:
             part_o = part_lse = lse  # (not used)
         _launch(
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * tiles,), *args, part_o, part_lse,
             *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
-            *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused,
-            EARLY_V=tuned.get("fwd_early_v", FWD_EARLY_V) and D <= plan.block_dc, BLOCK_Q=plan.block,
-            BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
+            split_len, *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused,
+            EARLY_V=tuned.get("fwd_early_v", FWD_EARLY_V) and D <= plan.block_dc, PREFIX_SPLITS=splits,
+            BLOCK_Q=plan.block, BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
             PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
         )
-        if fused:
-            block_t = triton.next_power_of_2(tiles)
+        if fused or splits > 1:
+            block_t = triton.next_power_of_2(parts)
             _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
-                    tiles, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)), num_warps=2)
+                    parts, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)),
+                    num_warps=2)
     else:
         args = (*args, *strides)
         bhg = B * H * grid_h * grid_w
