@@ -86,7 +86,7 @@ class _EagerTritonAttention(torch.autograd.Function):
     @first_derivative_only('local_cross_attention with backend="triton"')
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        with direct_launches(grad_out, q, k, v, out, lse):
+        with direct_launches(grad_out):  # (the saved tensors come from an eager forward)
             dq, dk, dv = _triton_ops.local_attn_bwd(grad_out, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None
 

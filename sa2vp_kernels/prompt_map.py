@@ -84,7 +84,7 @@ class _EagerTritonPromptMap(torch.autograd.Function):
     @staticmethod
     @first_derivative_only('prompt_map with backend="triton"')
     def backward(ctx, grad_out):
-        with direct_launches(grad_out, *ctx.saved_tensors):
+        with direct_launches(grad_out):  # (the saved tensors come from an eager forward)
             return _eager_backward(ctx, grad_out)
 
 
