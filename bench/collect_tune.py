@@ -29,26 +29,24 @@ ROOT = Path(__file__).resolve().parent.parent
 LOGS = ("variants-triton.log", "variants-cuda.log", "apply-tuning.log", "variants-summary.txt", "bench.log",
         "build.log", "diag-bad-args.log", "failures.log", "kernel-metrics.log")
 _DATED = re.compile(r"^(?P<tag>[a-z0-9-]+?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<rest>.*)\.(json|md|png)$")
+ARCHIVE = "logs.tar.gz"  # bench/pack_logs.sh packs a run's logs into it (the device tool brings back 8 files)
 
 
-ARCHIVE = "logs.tar.gz"  # bench/gpu_tune.sh packs its logs into it (the device tool brings back 8 files)
+def _is_log(name: str) -> bool:
+    return name in LOGS or re.fullmatch(r"pytest-[\w.-]+\.log", name) is not None
 
 
 def _logs(out: Path) -> dict[str, bytes]:
-    """The run's logs by name: loose files and the members of its log archive."""
+    """The run's logs by name: the members of its log archive, then loose files."""
     logs = {}
-    archive = out / ARCHIVE
-    if archive.is_file():
-        with tarfile.open(archive, "r:gz") as tar:
+    if (out / ARCHIVE).is_file():
+        with tarfile.open(out / ARCHIVE, "r:gz") as tar:
             for member in tar.getmembers():
-                name = member.name
-                if member.isfile() and "/" not in name and (name in LOGS or re.fullmatch(r"pytest-[\w.-]+\.log", name)):
-                    logs[name] = tar.extractfile(member).read()
-    for name in LOGS:
-        if (out / name).is_file():
-            logs[name] = (out / name).read_bytes()
-    for log in sorted(out.glob("pytest-*.log")):
-        logs[log.name] = log.read_bytes()
+                if member.isfile() and "/" not in member.name and _is_log(member.name):
+                    logs[member.name] = tar.extractfile(member).read()
+    for path in out.iterdir():
+        if path.is_file() and _is_log(path.name):
+            logs[path.name] = path.read_bytes()
     return logs
 
 
@@ -76,6 +74,8 @@ def plan(out: Path) -> list[tuple[bytes, Path, str]]:
         pairs = [(data, results / f"{prefix}{rest}", name) for data, rest, name in files]
         if all(not dst.exists() or dst.read_bytes() == data for data, dst, _ in pairs):
             break
+    else:
+        raise ValueError(f"{results}: no free name for this run ({tag}-{date}-tune1..999 all taken)")
     tuned = out / f"{tag}.json"
     if tuned.exists():
         tuning.parse(json.loads(tuned.read_text()), str(tuned))

@@ -17,9 +17,9 @@
 #      CUDA variants (bench/gpu_variants.py --providers cuda);
 #   6. with SA2VP_TUNE_NCU=1, Nsight Compute counters of every forward variant (scripts/kernel_metrics.py).
 # Logs and results go to $OUT (default bench/results/gpu-tune-<time>); the variants' JSON files are
-# <device>-<date>-variants-{triton,cuda}.json. At the end the logs are packed into $OUT/logs.tar.gz
-# (bench/pack_logs.sh: the device tool brings back at most 8 files). bench/variants_summary.py prints every timing last,
-# per case against the default and the targets. `python3 bench/collect_tune.py $OUT` (on the machine
+# <device>-<date>-variants-{triton,cuda}.json. bench/variants_summary.py prints every timing last, per
+# case against the default and the targets. At the end the logs are packed into $OUT/logs.tar.gz
+# (bench/pack_logs.sh: the device tool brings back at most 8 files). `python3 bench/collect_tune.py $OUT` (on the machine
 # that commits) puts the tuned file into the package and the results and logs into bench/results.
 #
 #   bash bench/gpu_tune.sh          # or: make gpu-tune
