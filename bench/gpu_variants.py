@@ -13,8 +13,9 @@ Rows:
   pipelining of the prefix queries' key loop, with the prefix queries fused into the grid tiles
   (``fwd_fused_prefix``, also with other plans; ``bwd_fused_prefix`` the same for the backward's dq),
   with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64), and with each prefix
-  query's keys split among programs (``fwd_prefix_splits``). The defaults and the
-  fused variants also forward + backward. Diagnostic: the same layouts without a prefix token
+  query's keys split among programs (``fwd_prefix_splits``), and with the row-streaming forward
+  (``fwd_stream``, with its warps and pipelining depths; head dims up to 128, so 12 x 64 only). The
+  defaults, the fused variants and the streaming forward also forward + backward. Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
@@ -68,7 +69,8 @@ def _attention_variants():
 
 
 # Attention variants also timed forward + backward (the others: forward only).
-_ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton dq fused")
+_ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton dq fused",
+                      "triton stream")
 
 
 def _prompt_add_variants():
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
         print("no CUDA device; use --tiny for a dry run", file=sys.stderr)
         return 2
     batch, dtype = (64, torch.bfloat16) if not args.tiny else (2, torch.float32)
+    if args.tiny:  # (a dry run: its few slices still take the streaming forward's rows)
+        from sa2vp_kernels.triton import local_attn as tla
+        tla._STREAM_MIN_PROGRAMS = 1
     layouts = ((1, 768), (12, 64)) if not args.tiny else ((1, 32), (4, 8))
     grid = (14, 14) if not args.tiny else (4, 5)
     B, N, C, r = (64, 197, 768, 16) if not args.tiny else (2, 21, 32, 4)
@@ -214,7 +219,12 @@ def main(argv=None) -> int:
             common.write_results(results, [path])
 
     def attention(case, variants):
+        from sa2vp_kernels.triton import local_attn as tla
+
         for label, provider, env, patches, settings in variants:
+            if (settings or {}).get("fwd_stream") and not tla.stream_applies(
+                    settings, case.batch * case.heads, *case.grid, case.window, case.num_prefix, case.head_dim):
+                continue  # (the call would run the default: the "triton" row)
             passes = ("fwd", "fwd+bwd") if label in _ATTENTION_FWD_BWD else ("fwd",)
             row("attention", case, label, provider, env, patches, settings, passes,
                 lambda p, c: common.attention_workload(p, c, device,
@@ -232,10 +242,11 @@ def main(argv=None) -> int:
     pa_variants = _prompt_add_variants()
     if args.quick:
         attn_variants = [v for v in attn_variants
-                         if v[0] in ("cuda default", "triton", "triton fused", "triton fused fwd+dq")]
+                         if v[0] in ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton stream")]
         pa_variants = [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton m32 w8 c128",
                                                            "triton torch-sums", "unfused")]
-    first = [v for v in attn_variants if v[1] == "cuda" or v[0] == "triton" or "fused" in v[0] or "early" in v[0]]
+    first = [v for v in attn_variants
+             if v[1] == "cuda" or v[0] == "triton" or any(w in v[0] for w in ("fused", "early", "stream"))]
     attn_cases = [common.AttnCase(batch, heads, dim, grid=grid, window=3, border="clip", dtype=dtype)
                   for heads, dim in layouts]
     for case in attn_cases:
@@ -250,7 +261,7 @@ def main(argv=None) -> int:
     # Diagnostics: the cost of the prefix queries and of dropout.
     for heads, dim in layouts:
         attention(common.AttnCase(batch, heads, dim, grid=grid, window=3, num_prefix=0, border="clip", dtype=dtype),
-                  [v for v in attn_variants if v[0] in ("cuda default", "triton", "triton w4")])
+                  [v for v in attn_variants if v[0] in ("cuda default", "triton", "triton w4", "triton stream")])
     prompt_add(common.PromptAddCase(B, N, C, r, scale=0.1, dropout_p=0.0, dtype=dtype),
                [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton 3-pass", "unfused")],
                lambda work, case: _prompt_add_delta_errors(work, case))

@@ -218,6 +218,101 @@ def test_split_prefix_gradcheck_and_settings(monkeypatch):
     assert tla.settings_label({"fwd_prefix_splits": 8, "fwd_early_v": True, "fwd_num_warps": 4}) == "early-v split8 w4"
 
 
+# The row-streaming forward (FWD_STREAM / the tuned setting fwd_stream): programs walk runs of grid rows
+# (segments) of a slice with rows y - 1, y, y + 1 of keys and values in registers; the prefix queries take
+# an online softmax over the prefix keys and each row as it arrives, their parts over the segments of a
+# slice combined by _combine_parts_kernel. Cases: (B, H, grid, window, T, D, dtype, requested segments,
+# segments that gives): grids of one row and one column, 17 columns (32 lanes), window 1, no prefix and
+# 16 prefix tokens (the most it takes), D = 128 (the widest), segments of one row, uneven segments.
+STREAM_CASES = [
+    (2, 3, (5, 7), 3, 1, 24, torch.float64, 2, 2),
+    (1, 2, (4, 3), 3, 3, 40, torch.float64, 3, 2),
+    (1, 1, (1, 5), 3, 0, 8, torch.float64, 4, 1),
+    (1, 2, (6, 1), 1, 2, 8, torch.float64, 4, 3),
+    (2, 1, (3, 17), 3, 1, 40, torch.float32, 1, 1),
+    (1, 1, (1, 1), 3, 1, 24, torch.float64, 2, 1),
+    (1, 1, (3, 5), 3, 16, 8, torch.float64, 3, 3),
+    (1, 1, (3, 4), 3, 1, 128, torch.float32, 2, 2),
+    (1, 2, (7, 6), 3, 2, 16, torch.float64, 7, 7),
+]
+
+
+def _forward_kernels(monkeypatch):
+    """Record the forward kernels the launchers start."""
+    launched = []
+    real = tla._launch
+    monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
+    return launched
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-"
+                         f"D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}")
+@pytest.mark.parametrize("reload", [False, True], ids=["keep", "reload"])
+def test_stream_forward_matches_reference(case, border, reload, monkeypatch):
+    B, H, grid, window, T, D, dtype, requested, segments = case
+    assert tla._stream_segments(requested, grid[0])[0] == segments
+    monkeypatch.setattr(tla, "FWD_STREAM", True)
+    monkeypatch.setattr(tla, "STREAM_RELOAD", reload)
+    monkeypatch.setattr(tla, "_STREAM_SEGMENTS", requested)
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = _forward_kernels(monkeypatch)
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, dtype=dtype, seed=12)
+    _assert_matches_reference(q, k, v, grid, window, T, border, **({"tol": 2e-5} if dtype == torch.float32 else {}))
+    assert launched[0] is tla._local_attn_fwd_stream_kernel
+    assert tla._local_attn_fwd_tiled_kernel not in launched and tla._local_attn_fwd_kernel not in launched
+    # the prefix queries' parts are combined where a slice has several segments
+    assert (launched[1] is tla._combine_parts_kernel) == (segments > 1 and T > 0)
+
+
+def test_stream_forward_views_and_gradcheck(monkeypatch):
+    """Stride-0 queries and fused-projection views; a float64 gradcheck through the streaming forward
+    (the backward reads its log-sum-exps), turned on by the tuned setting fwd_stream."""
+    from sa2vp_kernels.triton import tuning
+
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = _forward_kernels(monkeypatch)
+    B, H, T, grid, D = 3, 2, 2, (3, 4), 24
+    N = T + grid[0] * grid[1]
+    q = _rand(1, H, N, D, seed=3).expand(B, H, N, D)
+    k, v = _rand(B, N, H, 2, D, seed=4).permute(3, 0, 2, 1, 4).unbind(0)
+    for reload in (False, True):
+        with tuning.override(local_attention={"fwd_stream": True, "stream_reload": reload}):
+            for border in BORDERS:
+                _assert_matches_reference(q, k, v, grid, 3, T, border)
+    with tuning.override(local_attention={"fwd_stream": True}):
+        q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 1 + 3 * 4, 8, seed=13))
+        assert torch.autograd.gradcheck(lambda q, k, v: fwd_op(q, k, v, 3, 4, 3, 1, True, 0.7)[0], (q, k, v),
+                                        fast_mode=True)
+    assert tla._local_attn_fwd_stream_kernel in launched
+    assert tla._local_attn_fwd_tiled_kernel not in launched and tla._local_attn_fwd_kernel not in launched
+    assert tla.settings_label({"fwd_stream": True, "stream_num_warps": 8, "stream_stages": 3}) == \
+        "stream stream-w8 stream-st3"
+    assert tla.settings_label({"fwd_stream": True, "stream_reload": True, "stream_segments": 1}) == \
+        "stream reload stream-seg1"
+
+
+@pytest.mark.parametrize("what", ["window 5", "head dim 130", "width 33", "17 prefix tokens", "few slices"])
+def test_stream_forward_falls_back_to_the_tiles(what, monkeypatch):
+    """Calls the streaming forward does not take run the tiled kernels (and still match)."""
+    B, H, grid, window, T, D = 1, 2, (2, 3), 3, 1, 8
+    if what == "window 5":
+        window = 5
+    elif what == "head dim 130":
+        D = 130
+    elif what == "width 33":
+        grid = (2, 33)
+    elif what == "17 prefix tokens":
+        T = 17
+    monkeypatch.setattr(tla, "FWD_STREAM", True)
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", B * H * 2 + (what == "few slices"))
+    launched = _forward_kernels(monkeypatch)
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, seed=14)
+    _assert_matches_reference(q, k, v, grid, window, T, "zero")
+    assert tla._local_attn_fwd_stream_kernel not in launched
+    assert tla._local_attn_fwd_tiled_kernel in launched
+
+
 # Window-walking fallback (taken when a tile and its halo would not fit): block sizes come from the
 # head dim; in float64, D = 8 gives 64-position blocks over a 210-position (batch * heads * grid)
 # index, D = 130 and 768 blocks of 1 to 4 positions that split slices and 3-token prefixes.
@@ -365,6 +460,20 @@ def test_gpu_split_prefix_against_float64(dtype, heads, head_dim, splits):
 
     with tuning.override(local_attention={"fwd_prefix_splits": splits}):  # (whatever the GPU's tuned file says)
         _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, "clip")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,heads,head_dim,border", [
+    (torch.bfloat16, 12, 64, "clip"), (torch.bfloat16, 12, 64, "zero"), (torch.float16, 3, 40, "clip"),
+    (torch.float32, 12, 64, "zero"), (torch.bfloat16, 6, 128, "clip")], ids=str)
+def test_gpu_stream_against_float64(dtype, heads, head_dim, border, monkeypatch):
+    from sa2vp_kernels.triton import tuning
+
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = _forward_kernels(monkeypatch)
+    with tuning.override(local_attention={"fwd_stream": True}):  # (whatever the GPU's tuned file says)
+        _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
+    assert tla._local_attn_fwd_stream_kernel in launched
 
 
 @pytest.mark.gpu

@@ -18,6 +18,10 @@ Three launches in all (one forward, two backward), each a single grid of program
 * Window-walking grid programs (fallback when a tile and its halo would hold too many scores, i.e.
   very wide windows): each program walks the window offsets for a run of positions with an online
   softmax; the scores are elementwise products reduced over ``D``.
+* Row-streaming forward (``FWD_STREAM``, off by default; windows of 1 and 3, head dims up to 128, many
+  slices): a program walks a run of grid rows of one (batch, head) slice, keeping three rows of keys
+  and values in registers, with the slice's prefix queries in the same program (their parts over the
+  runs of a slice combined afterwards); every input is read once, plus one row above each run.
 
 Backward, no atomics: launch 1 is query-centric (``delta = rowsum(dO * O)`` and ``dq``), launch 2
 key-centric (``dk``, ``dv``): a grid key gathers from the grid queries around it plus every prefix
@@ -671,6 +675,188 @@ def _combine_parts_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T, n_tile
         tl.store(out_ptr + row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Forward, row streaming (FWD_STREAM / the tuned setting fwd_stream; windows of 1 and 3, head dims of
+# one chunk, grids up to _STREAM_MAX_WIDTH wide). A program walks a run of grid rows (a segment) of one
+# (batch, head) slice top to bottom. The keys and values of rows y - 1, y, y + 1 stay in registers and
+# each step loads only row y + 1 (and the queries of row y), so every key and value is read once (plus
+# the row above each segment), not once per tile that holds it in its halo. The slice's prefix queries
+# ride along: an online softmax over the prefix keys, then over each grid row as it arrives, so they
+# read no key or value twice either and need no programs of their own; with one segment per slice no
+# second launch either.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_t(a, b, FP64: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b.T`` in the accumulator dtype (float64: a broadcast product, as elsewhere)."""
+    if FP64:
+        return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    elif IEEE:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        return tl.dot(a, tl.trans(b))
+
+
+@triton.jit
+def _dot(p, v, FP64: tl.constexpr, IEEE: tl.constexpr):
+    """``p @ v`` with ``p`` cast to the values' dtype (tensor cores for 16-bit inputs)."""
+    p = p.to(v.dtype)
+    if FP64:
+        return tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    elif IEEE:
+        return tl.dot(p, v, input_precision="ieee")
+    else:
+        return tl.dot(p, v)
+
+
+@triton.jit
+def _stream_prefix_step(qp, k, v, key_ok, p_ok, m, l, acc, sc, FP64: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step of the prefix queries ``qp`` over a block of keys (lanes ``key_ok``)."""
+    mask = p_ok[:, None] & key_ok[None, :]
+    s = tl.where(mask, _dot_t(qp, k, FP64, IEEE) * sc, _NEG)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
+    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _dot(p, v, FP64, IEEE)
+
+
+@triton.jit
+def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                                  H, N, T, gh, gw, rad, seg_rows, scale_hi, scale_lo,
+                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+                                  HAS_PREFIX: tl.constexpr, SEGMENTS: tl.constexpr, RELOAD: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr,
+                                  BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """Program ``pid`` walks grid rows ``[y0, y1)`` (``seg_rows`` of them) of slice ``pid // SEGMENTS``.
+
+    With SEGMENTS > 1 the slice's rows are split among several programs: each also loads the row above
+    its first (the row below its last arrives as its last step's next row), and its prefix queries see
+    its own rows' keys only (segment 0: also the prefix keys), so it stores their normalised parts and
+    log-sum-exps (``part_o``, ``part_lse``, ``SEGMENTS`` per query) for ``_combine_parts_kernel``.
+
+    RELOAD: each step loads rows y - 1, y and y + 1 afresh instead of keeping two of them from the
+    steps before (three reads of each key and value, but no loaded value outlives its step, so
+    Triton's software pipeliner can fetch a step ahead; the rows it keeps cannot be)."""
+    pid = tl.program_id(0)
+    bh = pid // SEGMENTS
+    seg = pid - bh * SEGMENTS
+    y0 = seg * seg_rows
+    y1 = tl.minimum(y0 + seg_rows, gh)
+    sc = _scale(scale_hi, scale_lo, FP64)
+    q_base = _slice_base(bh, H, sqb, sqh)
+    k_base = _slice_base(bh, H, skb, skh)
+    v_base = _slice_base(bh, H, svb, svh)
+    o_base = bh.to(tl.int64) * N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    x = tl.arange(0, BLOCK_W)
+    x_ok = x < gw
+    # query lane (row) sees key lane (column): same-row neighbours within the window
+    band = (tl.abs(x[None, :] - x[:, None]) <= rad) & x_ok[None, :]
+    if ZERO_BORDER:
+        nx = tl.minimum(x + rad, gw - 1) - tl.maximum(x - rad, 0) + 1
+    if not RELOAD:
+        # rows y0 - 1 (zeros above the grid) and y0
+        p_ok = x_ok & (y0 > 0)
+        rows = (T + (y0 - 1) * gw + x).to(tl.int64)
+        k_prev = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=p_ok[:, None] & d_ok,
+                         other=0.0)
+        v_prev = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=p_ok[:, None] & d_ok,
+                         other=0.0)
+        rows = (T + y0 * gw + x).to(tl.int64)
+        k_cur = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+        v_cur = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+    if HAS_PREFIX:
+        t = tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        t_rows = t.to(tl.int64)
+        qp = tl.load(q_ptr + q_base + t_rows[:, None] * sqn + offs_d[None, :], mask=t_ok[:, None] & d_ok, other=0.0)
+        m_p = tl.full([BLOCK_T], _NEG, sc.dtype)
+        l_p = tl.zeros([BLOCK_T], sc.dtype)
+        acc_p = tl.zeros([BLOCK_T, BLOCK_D], sc.dtype)
+        if seg == 0:
+            kp = tl.load(k_ptr + k_base + t_rows[:, None] * skn + offs_d[None, :], mask=t_ok[:, None] & d_ok,
+                         other=0.0)
+            vp = tl.load(v_ptr + v_base + t_rows[:, None] * svn + offs_d[None, :], mask=t_ok[:, None] & d_ok,
+                         other=0.0)
+            m_p, l_p, acc_p = _stream_prefix_step(qp, kp, vp, t_ok, t_ok, m_p, l_p, acc_p, sc, FP64, IEEE)
+        if not RELOAD:
+            m_p, l_p, acc_p = _stream_prefix_step(qp, k_cur, v_cur, x_ok, t_ok, m_p, l_p, acc_p, sc, FP64, IEEE)
+    for y in tl.range(y0, y1, num_stages=STAGES):
+        # row y + 1 (zeros past the last row), the queries of row y
+        n_ok = x_ok & (y + 1 < gh)
+        rows = (T + (y + 1) * gw + x).to(tl.int64)
+        k_down = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                         other=0.0)
+        v_down = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                         other=0.0)
+        rows = (T + y * gw + x).to(tl.int64)
+        q = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+        if RELOAD:
+            k_mid = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=x_ok[:, None] & d_ok,
+                            other=0.0)
+            v_mid = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=x_ok[:, None] & d_ok,
+                            other=0.0)
+            u_ok = x_ok & (y > 0)
+            u_rows = (T + (y - 1) * gw + x).to(tl.int64)
+            k_up = tl.load(k_ptr + k_base + u_rows[:, None] * skn + offs_d[None, :], mask=u_ok[:, None] & d_ok,
+                           other=0.0)
+            v_up = tl.load(v_ptr + v_base + u_rows[:, None] * svn + offs_d[None, :], mask=u_ok[:, None] & d_ok,
+                           other=0.0)
+            if HAS_PREFIX:
+                m_p, l_p, acc_p = _stream_prefix_step(qp, k_mid, v_mid, x_ok, t_ok, m_p, l_p, acc_p, sc, FP64, IEEE)
+        else:
+            k_up = k_prev
+            v_up = v_prev
+            k_mid = k_cur
+            v_mid = v_cur
+            if HAS_PREFIX:
+                # (the row below the segment belongs to the next segment's prefix parts)
+                m_p, l_p, acc_p = _stream_prefix_step(qp, k_down, v_down, n_ok & (y + 1 < y1), t_ok, m_p, l_p,
+                                                      acc_p, sc, FP64, IEEE)
+        up = band & (y > 0) & (rad > 0)
+        down = band & (y + 1 < gh) & (rad > 0)
+        s_up = tl.where(up, _dot_t(q, k_up, FP64, IEEE) * sc, _NEG)
+        s_mid = tl.where(band, _dot_t(q, k_mid, FP64, IEEE) * sc, _NEG)
+        s_down = tl.where(down, _dot_t(q, k_down, FP64, IEEE) * sc, _NEG)
+        m = tl.maximum(tl.maximum(tl.max(s_up, axis=1), tl.max(s_mid, axis=1)), tl.max(s_down, axis=1))
+        if ZERO_BORDER:
+            ny = tl.minimum(y + rad, gh - 1) - tl.maximum(y - rad, 0) + 1
+            n_zero = ((2 * rad + 1) * (2 * rad + 1) - ny * nx).to(sc.dtype)
+            m = tl.where(n_zero > 0, tl.maximum(m, 0.0), m)
+        p_up = tl.where(up, tl.exp(s_up - m[:, None]), 0.0)
+        p_mid = tl.where(band, tl.exp(s_mid - m[:, None]), 0.0)
+        p_down = tl.where(down, tl.exp(s_down - m[:, None]), 0.0)
+        l = tl.sum(p_up, axis=1) + tl.sum(p_mid, axis=1) + tl.sum(p_down, axis=1)
+        if ZERO_BORDER:
+            # m >= 0 wherever n_zero > 0, so the clamp only keeps dead lanes finite.
+            l += n_zero * tl.exp(tl.minimum(-m, 0.0))
+        l = tl.where(x_ok, l, 1.0)
+        o = _dot(p_up, v_up, FP64, IEEE) + _dot(p_mid, v_mid, FP64, IEEE) + _dot(p_down, v_down, FP64, IEEE)
+        o_rows = o_base + rows
+        tl.store(out_ptr + o_rows[:, None] * D + offs_d[None, :], (o / l[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=x_ok[:, None] & d_ok)
+        tl.store(lse_ptr + o_rows, m + tl.log(l), mask=x_ok)
+        if not RELOAD:
+            k_prev = k_cur
+            v_prev = v_cur
+            k_cur = k_down
+            v_cur = v_down
+    if HAS_PREFIX:
+        l_p = tl.where(t_ok, l_p, 1.0)
+        if SEGMENTS == 1:
+            o_rows = o_base + t_rows
+            tl.store(out_ptr + o_rows[:, None] * D + offs_d[None, :],
+                     (acc_p / l_p[:, None]).to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok)
+            tl.store(lse_ptr + o_rows, m_p + tl.log(l_p), mask=t_ok)
+        else:
+            part_rows = (bh * T + t).to(tl.int64) * SEGMENTS + seg
+            tl.store(part_o_ptr + part_rows[:, None] * D + offs_d[None, :], acc_p / l_p[:, None],
+                     mask=t_ok[:, None] & d_ok)
+            tl.store(part_lse_ptr + part_rows, m_p + tl.log(l_p), mask=t_ok)
+
 @triton.jit
 def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr, tile,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son,
@@ -943,6 +1129,24 @@ FWD_PREFIX_SPLITS = 0
 # The tiled forward loads the values with the queries and keys where the head dim is one chunk
 # (_fwd_tile, EARLY_V); off by default until timed on a GPU (it holds the value tile through the softmax).
 FWD_EARLY_V = False
+# The forward walks the grid rows of each slice in _STREAM_SEGMENTS programs (_local_attn_fwd_stream_kernel)
+# where it can: windows of 1 or 3, head dims up to _STREAM_MAX_D, grids up to _STREAM_MAX_WIDTH wide, at
+# most _STREAM_MAX_PREFIX prefix tokens, and at least _STREAM_MIN_PROGRAMS programs (slices x segments)
+# to fill a GPU. With more than one segment per slice, _combine_parts_kernel adds up the prefix queries'
+# parts. Off by default until timed on a GPU.
+FWD_STREAM = False
+_STREAM_SEGMENTS = 2
+_STREAM_MAX_D = 128
+_STREAM_MAX_WIDTH = 32
+# The streaming forward loads rows y - 1, y, y + 1 at every step (see _local_attn_fwd_stream_kernel, RELOAD).
+STREAM_RELOAD = False
+_STREAM_MAX_PREFIX = 16
+_STREAM_MIN_PROGRAMS = 512
+# The streaming forward's warps (for 16-bit rows up to 32 x 64, see _stream_num_warps) and pipelining depth (the tuned stream_num_warps, stream_stages and
+# stream_segments replace them and _STREAM_SEGMENTS; the tile plan's settings do not apply to it, nor its
+# to the tiles where a call falls back to them).
+_STREAM_NUM_WARPS = 4
+_STREAM_STAGES = 2
 # The backward's dq kernel takes the prefix queries into the grid tiles the same way (_bwd_dq_tile,
 # FUSE_PREFIX; off by default until timed on a GPU).
 BWD_FUSED_PREFIX = False
@@ -1003,7 +1207,7 @@ def _cached_tile_plan(gh, gw, ry, rx, extra, D, dtype, max_scores, only_rows=Non
 
 # Forward launch configurations (tile rows, num_warps, pipelining stages; 0 keeps the default's value) that
 # bench/gpu_variants.py times at the benchmark shapes next to the default.
-TUNE_PLANS = ((1, 4, 0), (4, 4, 0), (4, 8, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
+TUNE_PLANS = ((1, 4, 0), (4, 4, 0), (0, 2, 0), (0, 4, 0), (0, 0, 1), (0, 0, 3))
 
 
 def _plan_settings(plan) -> dict:
@@ -1012,7 +1216,9 @@ def _plan_settings(plan) -> dict:
 
 # Forward launch settings (sa2vp_kernels.triton.tuning) that bench/gpu_variants.py times at the benchmark
 # shapes next to the default, and that python -m sa2vp_kernels.triton.aot compiles there: the plans of
-# TUNE_PLANS, the values loaded early, the prefix queries fused into the tiles with several plans. (12 x 64
+# TUNE_PLANS, the values loaded early, the prefix queries fused into the tiles with several plans, their
+# keys split among programs, the row-streaming forward with several warps and depths (four-row tiles
+# with 8 warps, 2-3x slower than the default on an H100, are no longer timed). (12 x 64
 # programs are short and latency-bound: the default, 2 warps at 159 registers on sm_90 with Triton 3.6,
 # keeps 6 programs and 12 warps per SM; the fused, early-value plans with 4 warps and one-row tiles use
 # fewer registers per thread, so more warps stay resident.)
@@ -1022,20 +1228,32 @@ TUNE_SETTINGS = (
     {"fwd_fused_prefix": True},
     {"fwd_fused_prefix": True, "fwd_early_v": True},
     *({"fwd_fused_prefix": True, **_plan_settings(plan)}
-      for plan in ((4, 4, 0), (4, 8, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
+      for plan in ((4, 4, 0), (1, 4, 0), (0, 4, 0), (0, 2, 0))),
     *({"fwd_fused_prefix": True, "fwd_early_v": True, **_plan_settings(plan)}
-      for plan in ((4, 4, 0), (0, 4, 0), (1, 4, 0), (1, 2, 0))),
+      for plan in ((0, 4, 0), (1, 4, 0), (1, 2, 0))),
     *({"fwd_prefix_splits": n} for n in (4, 8, 16)),
     {"fwd_prefix_splits": 8, "fwd_early_v": True},
     {"fwd_prefix_splits": 8, "fwd_early_v": True, "fwd_num_warps": 4},
+    {"fwd_stream": True},
+    *({"fwd_stream": True, "stream_segments": n} for n in (1, 4)),
+    *({"fwd_stream": True, "stream_num_warps": w} for w in (2, 8)),
+    *({"fwd_stream": True, "stream_stages": n} for n in (1, 3)),
+    {"fwd_stream": True, "stream_segments": 4, "stream_num_warps": 2},
+    *({"fwd_stream": True, "stream_reload": True, **({"stream_stages": n} if n else {})} for n in (0, 3)),
+    {"fwd_stream": True, "stream_reload": True, "stream_segments": 1},
 )
 
 
 def settings_label(settings: dict) -> str:
     """A short name of attention launch settings: ``fused early-v rows4 w4``, ``dq fused``."""
-    parts = [name for key, name in (("fwd_fused_prefix", "fused"), ("fwd_early_v", "early-v")) if settings.get(key)]
+    parts = [name for key, name in (("fwd_stream", "stream"), ("stream_reload", "reload"), ("fwd_fused_prefix", "fused"),
+                                    ("fwd_early_v", "early-v"))
+             if settings.get(key)]
     parts += [f"{name}{settings[key]}" for key, name in (("fwd_prefix_splits", "split"), ("rows", "rows"),
-                                                          ("fwd_num_warps", "w"), ("stages", "st"))
+                                                          ("fwd_num_warps", "w"), ("stages", "st"),
+                                                          ("stream_segments", "stream-seg"),
+                                                          ("stream_num_warps", "stream-w"),
+                                                          ("stream_stages", "stream-st"))
               if settings.get(key)]
     if settings.get("bwd_fused_prefix"):
         parts.append("fwd+dq" if parts == ["fused"] else "dq fused")
@@ -1091,6 +1309,37 @@ def _prefix_splits(requested: int, N: int, block_n: int) -> tuple[int, int]:
     return triton.cdiv(N, split_len), split_len
 
 
+def _stream_fits(programs: int, grid_w: int, window: int, num_prefix: int, D: int) -> bool:
+    """Whether the row-streaming forward takes a call of ``programs`` (slices x segments; see FWD_STREAM)."""
+    return (window <= 3 and grid_w <= _STREAM_MAX_WIDTH and D <= _STREAM_MAX_D
+            and num_prefix <= _STREAM_MAX_PREFIX and programs >= _STREAM_MIN_PROGRAMS)
+
+
+def stream_applies(settings: dict, slices: int, grid_h: int, grid_w: int, window: int, num_prefix: int,
+                   D: int) -> bool:
+    """Whether a forward call with these launch settings (sa2vp_kernels.triton.tuning) runs the
+    row-streaming kernel."""
+    if not settings.get("fwd_stream", FWD_STREAM):
+        return False
+    segments = _stream_segments(settings.get("stream_segments") or _STREAM_SEGMENTS, grid_h)[0]
+    return _stream_fits(slices * segments, grid_w, window, num_prefix, D)
+
+
+def _stream_num_warps(dtype: torch.dtype, grid_w: int, D: int) -> int:
+    """The streaming forward's default warps: _STREAM_NUM_WARPS for rows of 16-bit values up to 32 x 64,
+    twice that for float32 or wider rows, four times for both (compiled for sm_90: without the extra
+    warps, float32 at 14 x 64 and bfloat16 at 64 x 64 spill registers)."""
+    wide = max(16, triton.next_power_of_2(grid_w)) * max(16, triton.next_power_of_2(D)) > 32 * 64
+    return _STREAM_NUM_WARPS * (2 if dtype.itemsize >= 4 else 1) * (2 if wide else 1)
+
+
+def _stream_segments(requested: int, grid_h: int) -> tuple[int, int]:
+    """``(segments, rows per segment)`` for splitting ``grid_h`` rows among about ``requested`` programs,
+    none empty."""
+    seg_rows = triton.cdiv(grid_h, max(1, min(requested, grid_h)))
+    return triton.cdiv(grid_h, seg_rows), seg_rows
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -1138,6 +1387,30 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
     n_prefix_programs = B * H * num_prefix
     cfg = _fwd_config(D, q.dtype)
     tuned = tuning.attention_settings(q.device, q.dtype, D)
+    if stream_applies(tuned, B * H, grid_h, grid_w, window, num_prefix, D):
+        segments, seg_rows = _stream_segments(tuned.get("stream_segments") or _STREAM_SEGMENTS, grid_h)
+        split = num_prefix > 0 and segments > 1
+        if split:
+            part_o = torch.empty((B * H * num_prefix * segments, D), dtype=lse.dtype, device=q.device)
+            part_lse = torch.empty((B * H * num_prefix * segments,), dtype=lse.dtype, device=q.device)
+        else:
+            part_o = part_lse = lse  # (not used)
+        _launch(
+            _local_attn_fwd_stream_kernel, (B * H * segments,), q, k, v, out, lse, part_o, part_lse,
+            *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, seg_rows, *split_float(scale),
+            ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, IEEE=q.dtype == torch.float32,
+            HAS_PREFIX=num_prefix > 0, SEGMENTS=segments, RELOAD=bool(tuned.get("stream_reload", STREAM_RELOAD)),
+            BLOCK_T=max(16, triton.next_power_of_2(num_prefix)),
+            BLOCK_W=max(16, triton.next_power_of_2(grid_w)), D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            STAGES=tuned.get("stream_stages") or _STREAM_STAGES,
+            num_warps=tuned.get("stream_num_warps") or _stream_num_warps(q.dtype, grid_w, D),
+        )
+        if split:
+            block_t = triton.next_power_of_2(segments)
+            _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
+                    segments, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)),
+                    num_warps=2)
+        return out, lse
     plan = None
     if tuned.get("fwd_fused_prefix", FWD_FUSED_PREFIX) and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
         plan = _fwd_tile_plan(tuned, grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)

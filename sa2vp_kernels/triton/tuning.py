@@ -25,10 +25,13 @@ An op uses the settings of the first entry whose bounds hold for its call (``min
 ``max_head_dim`` for the attention, ``min_channels`` / ``max_channels`` / ``max_rank`` for
 ``prompt_add``); other keys of an entry (e.g. ``measured``) are notes. The settings (any subset):
 
-* local attention: ``fwd_fused_prefix``, ``fwd_early_v``, ``bwd_fused_prefix``, ``fwd_prefix_splits``
-  (the module switches of the same names in capitals; the last an int, the number of programs that
-  share each prefix query's keys); ``rows``, ``fwd_num_warps``, ``stages`` (the forward's tile plan, as
-  ``local_attn.tuned_tile_plan``; the default plan where a tile of ``rows`` rows does not fit);
+* local attention: ``fwd_fused_prefix``, ``fwd_early_v``, ``bwd_fused_prefix``, ``fwd_prefix_splits``,
+  ``fwd_stream`` (the module switches of the same names in capitals; ``fwd_prefix_splits`` an int, the
+  number of programs that share each prefix query's keys); ``rows``, ``fwd_num_warps``, ``stages`` (the
+  forward's tile plan, as ``local_attn.tuned_tile_plan``; the default plan where a tile of ``rows`` rows
+  does not fit); ``stream_num_warps``, ``stream_stages``, ``stream_segments``, ``stream_reload`` (the
+  row-streaming forward's warps, pipelining depth, programs per slice, and whether it loads its three
+  rows at every step, ``STREAM_RELOAD``);
 * prompt_add: ``fwd_one_pass``, ``bwd_from_z``, ``bwd_finalize_kernel`` (the module switches);
   ``block_m``, ``num_warps``, ``block_c`` (the forward's chunked-row tiles, as
   ``prompt_add.tuned_row_blocks``; only where the default is chunked rows and the tiles fit).
@@ -53,7 +56,9 @@ ENV = "SA2VP_TRITON_TUNED"
 FORMAT = 1
 
 ATTENTION_SETTINGS = {"fwd_fused_prefix": bool, "fwd_early_v": bool, "bwd_fused_prefix": bool, "rows": int,
-                      "fwd_num_warps": int, "stages": int, "fwd_prefix_splits": int}
+                      "fwd_num_warps": int, "stages": int, "fwd_prefix_splits": int, "fwd_stream": bool,
+                      "stream_num_warps": int, "stream_stages": int, "stream_segments": int,
+                      "stream_reload": bool}
 PROMPT_ADD_SETTINGS = {"fwd_one_pass": bool, "bwd_from_z": bool, "bwd_finalize_kernel": bool, "block_m": int,
                        "num_warps": int, "block_c": int}
 _OPS = {"local_attention": (ATTENTION_SETTINGS, ("min_head_dim", "max_head_dim")),
@@ -81,10 +86,11 @@ def _check_settings(where: str, settings, allowed: dict) -> dict:
             raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
         if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
             raise ValueError(f"{where}: {key!r} must be an integer >= -1 (0: the default's), got {value!r}")
-    for key in ("rows", "fwd_num_warps", "stages", "block_m", "num_warps", "fwd_prefix_splits"):
+    for key in ("rows", "fwd_num_warps", "stages", "block_m", "num_warps", "fwd_prefix_splits", "stream_num_warps",
+                "stream_stages", "stream_segments"):
         if settings.get(key, 0) < 0:
             raise ValueError(f"{where}: {key!r} must be >= 0 (0: the default's), got {settings[key]}")
-    for key in ("fwd_num_warps", "num_warps", "block_m"):
+    for key in ("fwd_num_warps", "num_warps", "block_m", "stream_num_warps"):
         v = settings.get(key, 0)
         if v and v & (v - 1):
             raise ValueError(f"{where}: {key!r} must be a power of two, got {v}")
