@@ -14,7 +14,8 @@ Rows:
   (``fwd_fused_prefix``, also with other plans; ``bwd_fused_prefix`` the same for the backward's dq),
   with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64), and with each prefix
   query's keys split among programs (``fwd_prefix_splits``), and with the row-streaming forward
-  (``fwd_stream``, with its warps and pipelining depths; head dims up to 128, so 12 x 64 only). The
+  (``fwd_stream``, with its programs per slice, warps, pipelining depths and three-row reloads; head
+  dims up to 128, so 12 x 64 only; not in a ``--tiny`` run, too few programs). The
   defaults, the fused variants and the streaming forward also forward + backward. Diagnostic: the same layouts without a prefix token
   (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
@@ -163,9 +164,6 @@ def main(argv=None) -> int:
         print("no CUDA device; use --tiny for a dry run", file=sys.stderr)
         return 2
     batch, dtype = (64, torch.bfloat16) if not args.tiny else (2, torch.float32)
-    if args.tiny:  # (a dry run: its few slices still take the streaming forward's rows)
-        from sa2vp_kernels.triton import local_attn as tla
-        tla._STREAM_MIN_PROGRAMS = 1
     layouts = ((1, 768), (12, 64)) if not args.tiny else ((1, 32), (4, 8))
     grid = (14, 14) if not args.tiny else (4, 5)
     B, N, C, r = (64, 197, 768, 16) if not args.tiny else (2, 21, 32, 4)

@@ -195,7 +195,7 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     from sa2vp_kernels.triton import tuning
 
     defaults = (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
-                tpa._row_blocks,
+                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL)
     attention, prompt_add = gpu_variants._attention_variants(), gpu_variants._prompt_add_variants()
     for section in (attention, prompt_add):
@@ -215,11 +215,13 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
                 fused = int(settings.get("fwd_fused_prefix", False))
                 plan = tla._fwd_tile_plan(settings, 14, 14, 1, 1, fused, D, torch.bfloat16, fused)
                 assert plan is not None and plan.rows == (settings.get("rows") or plan.rows), label
+            # (the streaming forward's rows run it at B=64, 12 x 64)
+            assert tla.stream_applies(settings, 64 * 12, 14, 14, 3, 1, 64) == bool(settings.get("fwd_stream")), label
         elif settings and {"block_m", "num_warps", "block_c"} & set(settings):
             blocks = tpa._fwd_row_blocks(settings, 768, 16, torch.bfloat16, cpu)
             assert blocks != tpa._row_blocks(768, 16, torch.bfloat16), label  # (they apply at 768 channels)
         assert (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
-                tpa._row_blocks,
+                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL) == defaults
     assert gpu_variants.main(["--tiny", "--providers", "unfused", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-variants.json")

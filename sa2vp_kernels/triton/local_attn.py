@@ -1217,7 +1217,8 @@ def _plan_settings(plan) -> dict:
 # Forward launch settings (sa2vp_kernels.triton.tuning) that bench/gpu_variants.py times at the benchmark
 # shapes next to the default, and that python -m sa2vp_kernels.triton.aot compiles there: the plans of
 # TUNE_PLANS, the values loaded early, the prefix queries fused into the tiles with several plans, their
-# keys split among programs, the row-streaming forward with several warps and depths (four-row tiles
+# keys split among programs, the row-streaming forward with several warps, programs per slice and
+# (where it reloads its rows: only then does Triton pipeline its loads) depths (four-row tiles
 # with 8 warps, 2-3x slower than the default on an H100, are no longer timed). (12 x 64
 # programs are short and latency-bound: the default, 2 warps at 159 registers on sm_90 with Triton 3.6,
 # keeps 6 programs and 12 warps per SM; the fused, early-value plans with 4 warps and one-row tiles use
@@ -1237,10 +1238,11 @@ TUNE_SETTINGS = (
     {"fwd_stream": True},
     *({"fwd_stream": True, "stream_segments": n} for n in (1, 4)),
     *({"fwd_stream": True, "stream_num_warps": w} for w in (2, 8)),
-    *({"fwd_stream": True, "stream_stages": n} for n in (1, 3)),
     {"fwd_stream": True, "stream_segments": 4, "stream_num_warps": 2},
-    *({"fwd_stream": True, "stream_reload": True, **({"stream_stages": n} if n else {})} for n in (0, 3)),
-    {"fwd_stream": True, "stream_reload": True, "stream_segments": 1},
+    {"fwd_stream": True, "stream_reload": True},
+    *({"fwd_stream": True, "stream_reload": True, "stream_segments": n} for n in (1, 4)),
+    {"fwd_stream": True, "stream_reload": True, "stream_stages": 3},
+    {"fwd_stream": True, "stream_reload": True, "stream_num_warps": 8},
 )
 
 
