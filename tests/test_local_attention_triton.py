@@ -248,12 +248,13 @@ def _forward_kernels(monkeypatch):
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-"
                          f"D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}")
-@pytest.mark.parametrize("reload", [False, True], ids=["keep", "reload"])
-def test_stream_forward_matches_reference(case, border, reload, monkeypatch):
+@pytest.mark.parametrize("loads", ["keep", "reload", "prefetch"])
+def test_stream_forward_matches_reference(case, border, loads, monkeypatch):
     B, H, grid, window, T, D, dtype, requested, segments = case
     assert tla._stream_segments(requested, grid[0])[0] == segments
     monkeypatch.setattr(tla, "FWD_STREAM", True)
-    monkeypatch.setattr(tla, "STREAM_RELOAD", reload)
+    monkeypatch.setattr(tla, "STREAM_RELOAD", loads == "reload")
+    monkeypatch.setattr(tla, "STREAM_PREFETCH", loads == "prefetch")
     monkeypatch.setattr(tla, "_STREAM_SEGMENTS", requested)
     monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
     launched = _forward_kernels(monkeypatch)
@@ -276,8 +277,8 @@ def test_stream_forward_views_and_gradcheck(monkeypatch):
     N = T + grid[0] * grid[1]
     q = _rand(1, H, N, D, seed=3).expand(B, H, N, D)
     k, v = _rand(B, N, H, 2, D, seed=4).permute(3, 0, 2, 1, 4).unbind(0)
-    for reload in (False, True):
-        with tuning.override(local_attention={"fwd_stream": True, "stream_reload": reload}):
+    for loads in ({}, {"stream_reload": True}, {"stream_prefetch": True}):
+        with tuning.override(local_attention={"fwd_stream": True, **loads}):
             for border in BORDERS:
                 _assert_matches_reference(q, k, v, grid, 3, T, border)
     with tuning.override(local_attention={"fwd_stream": True}):

@@ -727,6 +727,7 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
                                   H, N, T, gh, gw, rad, seg_rows, scale_hi, scale_lo,
                                   ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                                   HAS_PREFIX: tl.constexpr, SEGMENTS: tl.constexpr, RELOAD: tl.constexpr,
+                                  PREFETCH: tl.constexpr,
                                   BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr,
                                   BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     """Program ``pid`` walks grid rows ``[y0, y1)`` (``seg_rows`` of them) of slice ``pid // SEGMENTS``.
@@ -738,7 +739,9 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
 
     RELOAD: each step loads rows y - 1, y and y + 1 afresh instead of keeping two of them from the
     steps before (three reads of each key and value, but no loaded value outlives its step, so
-    Triton's software pipeliner can fetch a step ahead; the rows it keeps cannot be)."""
+    Triton's software pipeliner can fetch a step ahead; the rows it keeps cannot be). PREFETCH (without
+    RELOAD): each step issues the loads of the next step's new rows (keys and values of row y + 2, queries
+    of row y + 1) and works on those the step before issued, so their latency overlaps its work."""
     pid = tl.program_id(0)
     bh = pid // SEGMENTS
     seg = pid - bh * SEGMENTS
@@ -768,6 +771,16 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
         rows = (T + y0 * gw + x).to(tl.int64)
         k_cur = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
         v_cur = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+        if PREFETCH:
+            # the first step's row y0 + 1 and queries of row y0
+            q_next = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=x_ok[:, None] & d_ok,
+                             other=0.0)
+            n_ok = x_ok & (y0 + 1 < gh)
+            rows = (T + (y0 + 1) * gw + x).to(tl.int64)
+            k_next = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                             other=0.0)
+            v_next = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                             other=0.0)
     if HAS_PREFIX:
         t = tl.arange(0, BLOCK_T)
         t_ok = t < T
@@ -787,13 +800,31 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
     for y in tl.range(y0, y1, num_stages=STAGES):
         # row y + 1 (zeros past the last row), the queries of row y
         n_ok = x_ok & (y + 1 < gh)
-        rows = (T + (y + 1) * gw + x).to(tl.int64)
-        k_down = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
-                         other=0.0)
-        v_down = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
-                         other=0.0)
-        rows = (T + y * gw + x).to(tl.int64)
-        q = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+        if PREFETCH and not RELOAD:
+            k_down = k_next
+            v_down = v_next
+            q = q_next
+            # the next step's: row y + 2, the queries of row y + 1
+            f_ok = x_ok & (y + 2 < gh)
+            rows = (T + (y + 2) * gw + x).to(tl.int64)
+            k_next = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=f_ok[:, None] & d_ok,
+                             other=0.0)
+            v_next = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=f_ok[:, None] & d_ok,
+                             other=0.0)
+            f_ok = x_ok & (y + 1 < y1)
+            rows = (T + (y + 1) * gw + x).to(tl.int64)
+            q_next = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=f_ok[:, None] & d_ok,
+                             other=0.0)
+            rows = (T + y * gw + x).to(tl.int64)
+        else:
+            rows = (T + (y + 1) * gw + x).to(tl.int64)
+            k_down = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                             other=0.0)
+            v_down = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                             other=0.0)
+            rows = (T + y * gw + x).to(tl.int64)
+            q = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=x_ok[:, None] & d_ok,
+                        other=0.0)
         if RELOAD:
             k_mid = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=x_ok[:, None] & d_ok,
                             other=0.0)
@@ -1140,6 +1171,8 @@ _STREAM_MAX_D = 128
 _STREAM_MAX_WIDTH = 32
 # The streaming forward loads rows y - 1, y, y + 1 at every step (see _local_attn_fwd_stream_kernel, RELOAD).
 STREAM_RELOAD = False
+# Otherwise it loads each step's new rows a step ahead (RELOAD off, PREFETCH on).
+STREAM_PREFETCH = False
 _STREAM_MAX_PREFIX = 16
 _STREAM_MIN_PROGRAMS = 512
 # The streaming forward's warps (for 16-bit rows up to 32 x 64, see _stream_num_warps) and pipelining depth (the tuned stream_num_warps, stream_stages and
@@ -1243,12 +1276,16 @@ TUNE_SETTINGS = (
     *({"fwd_stream": True, "stream_reload": True, "stream_segments": n} for n in (1, 4)),
     {"fwd_stream": True, "stream_reload": True, "stream_stages": 3},
     {"fwd_stream": True, "stream_reload": True, "stream_num_warps": 8},
+    {"fwd_stream": True, "stream_prefetch": True},
+    *({"fwd_stream": True, "stream_prefetch": True, "stream_segments": n} for n in (1, 4)),
+    {"fwd_stream": True, "stream_prefetch": True, "stream_num_warps": 8},
 )
 
 
 def settings_label(settings: dict) -> str:
     """A short name of attention launch settings: ``fused early-v rows4 w4``, ``dq fused``."""
-    parts = [name for key, name in (("fwd_stream", "stream"), ("stream_reload", "reload"), ("fwd_fused_prefix", "fused"),
+    parts = [name for key, name in (("fwd_stream", "stream"), ("stream_reload", "reload"),
+                                    ("stream_prefetch", "prefetch"), ("fwd_fused_prefix", "fused"),
                                     ("fwd_early_v", "early-v"))
              if settings.get(key)]
     parts += [f"{name}{settings[key]}" for key, name in (("fwd_prefix_splits", "split"), ("rows", "rows"),
@@ -1402,6 +1439,7 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
             *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, seg_rows, *split_float(scale),
             ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, IEEE=q.dtype == torch.float32,
             HAS_PREFIX=num_prefix > 0, SEGMENTS=segments, RELOAD=bool(tuned.get("stream_reload", STREAM_RELOAD)),
+            PREFETCH=bool(tuned.get("stream_prefetch", STREAM_PREFETCH)),
             BLOCK_T=max(16, triton.next_power_of_2(num_prefix)),
             BLOCK_W=max(16, triton.next_power_of_2(grid_w)), D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
             STAGES=tuned.get("stream_stages") or _STREAM_STAGES,
