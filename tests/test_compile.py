@@ -49,19 +49,25 @@ def test_inductor_forward_and_backward_match_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variants", [False, True], ids=["defaults", "chunked-rows-fused-prefix"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype,variants", [(torch.float32, ""), (torch.float64, ""),
+                                            (torch.float32, "chunked-rows-fused-prefix"),
+                                            (torch.float64, "chunked-rows-fused-prefix"), (torch.float64, "stream")],
+                         ids=str)
 def test_inductor_with_the_triton_kernels_matches_eager(dtype, variants, monkeypatch):
     """Inductor compiles user Triton kernels itself (from their source, with its own argument
     signature): the compiled function and its gradients must still match eager, float64 included.
     Also with prompt_add's rows chunked (16 channels: its one-pass forward and backward from z) and
-    the attention's prefix queries fused into the grid tiles (two kernels and two workspaces)."""
-    if variants:
-        from sa2vp_kernels.triton import local_attn as tla
-        from sa2vp_kernels.triton import prompt_add as tpa
+    the attention's prefix queries fused into the grid tiles (two kernels and two workspaces), and with
+    the attention's row-streaming forward (two segments per slice: its kernel and the combine)."""
+    from sa2vp_kernels.triton import local_attn as tla
+    from sa2vp_kernels.triton import prompt_add as tpa
+    if variants == "chunked-rows-fused-prefix":
         monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
         monkeypatch.setattr(tpa, "_WIDE_SHARED", 0)
         monkeypatch.setattr(tpa, "_CHUNK_SHARED", 16 * 16 * 2)
+    elif variants == "stream":
+        monkeypatch.setattr(tla, "FWD_STREAM", True)
+        monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
     g = torch.Generator(device="cuda").manual_seed(1)
     B, N, C, r = 2, 7, 40, 3
 
