@@ -99,7 +99,7 @@ else
   tests=(tests/test_local_attention_triton.py tests/test_prompt_add.py tests/test_triton_tuning.py
          tests/test_compile.py tests/test_triton_eager_launch.py -k "triton or fused or tuned or launch")
 fi
-run_tests triton "$(clamp $(( $(left) - 130 )) 30 150)" "${tests[@]}"
+run_tests triton "$(clamp $(( $(left) - 130 )) 30 180)" "${tests[@]}"
 fi
 
 if step bench; then
