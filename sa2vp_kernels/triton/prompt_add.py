@@ -654,10 +654,11 @@ def _row_blocks(C: int, r: int, dtype: torch.dtype) -> tuple[int, int, int, int,
 # kernels. Every program reads the weights from L2 (72 KiB at that shape with the one-pass forward's weight
 # sums: about as much as its 16 rows of target, message and output); 32 rows per program halve those
 # reads (64 rows: a quarter). On an H100 fewer warps per program did better (16 rows: 2 warps 32.3 us,
-# 4 warps 35.6 us, 8 warps with 256 channels 45.6 us), hence 1 and 2 warps with other tiles. Each compiles for sm_90
+# 4 warps 35.6 us, 8 warps with 256 channels 45.6 us), hence 64-channel chunks with 2 and 4 warps (1 warp
+# with 128 channels, 2 warps with 256 channels or with 32 rows spill registers on sm_90). Each compiles for sm_90
 # without spills (python -m sa2vp_kernels.triton.aot compiles them all, tests/test_triton_aot.py).
 TUNE_CONFIGS = ((16, 8, -1), (16, 4, 0), (16, 4, 128), (16, 8, 256), (32, 8, 256), (16, 2, 128), (32, 4, 128),
-                (32, 8, 128), (64, 8, 64), (16, 1, 128), (16, 2, 64), (16, 2, 256), (32, 2, 128))
+                (32, 8, 128), (64, 8, 64), (16, 2, 64), (32, 4, 64))
 
 
 def tuned_row_blocks(block_m: int, num_warps: int, block_c: int):
