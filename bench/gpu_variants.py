@@ -14,10 +14,10 @@ Rows:
   (``fwd_fused_prefix``, also with other plans; ``bwd_fused_prefix`` the same for the backward's dq),
   with the values loaded early (``fwd_early_v``, one head-dim chunk: 12 x 64), and with each prefix
   query's keys split among programs (``fwd_prefix_splits``), and with the row-streaming forward
-  (``fwd_stream``, with its programs per slice, warps, pipelining depths and three-row reloads; head
-  dims up to 128, so 12 x 64 only; not in a ``--tiny`` run, too few programs). The
-  defaults, the fused variants and the streaming forward also forward + backward. Diagnostic: the same layouts without a prefix token
-  (N = 196), to show what the prefix queries cost.
+  (``fwd_stream``, with its programs per slice, warps, load forms and pipelining depths; head dims up
+  to 128, so 12 x 64 only; not in a ``--tiny`` run, too few programs). The defaults, the fused variants
+  and the streaming forward also forward + backward. Diagnostic: the same layouts without a prefix
+  token (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
   (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0); the Triton kernels with their defaults, with the chunked

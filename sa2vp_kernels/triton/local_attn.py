@@ -1169,15 +1169,16 @@ FWD_STREAM = False
 _STREAM_SEGMENTS = 2
 _STREAM_MAX_D = 128
 _STREAM_MAX_WIDTH = 32
-# The streaming forward loads rows y - 1, y, y + 1 at every step (see _local_attn_fwd_stream_kernel, RELOAD).
-STREAM_RELOAD = False
-# Otherwise it loads each step's new rows a step ahead (RELOAD off, PREFETCH on).
-STREAM_PREFETCH = False
 _STREAM_MAX_PREFIX = 16
 _STREAM_MIN_PROGRAMS = 512
-# The streaming forward's warps (for 16-bit rows up to 32 x 64, see _stream_num_warps) and pipelining depth (the tuned stream_num_warps, stream_stages and
-# stream_segments replace them and _STREAM_SEGMENTS; the tile plan's settings do not apply to it, nor its
-# to the tiles where a call falls back to them).
+# How it loads its rows (the kernel's RELOAD and PREFETCH): every step rows y - 1, y, y + 1 afresh; or
+# (RELOAD off) each step's new rows a step ahead. Both off: each step's new rows as it starts.
+STREAM_RELOAD = False
+STREAM_PREFETCH = False
+# Its warps (for 16-bit rows up to 32 x 64; see _stream_num_warps) and pipelining depth. The tuned
+# stream_num_warps, stream_stages, stream_segments, stream_reload and stream_prefetch replace these; the
+# tile plan's settings (rows, fwd_num_warps, stages) do not apply to it, nor its to the tiles where a call
+# falls back to them.
 _STREAM_NUM_WARPS = 4
 _STREAM_STAGES = 2
 # The backward's dq kernel takes the prefix queries into the grid tiles the same way (_bwd_dq_tile,
