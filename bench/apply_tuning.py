@@ -10,8 +10,8 @@ The rules, per op, from the CUDA-graph medians of one run:
 * local attention, per head dim timed (1 x 768 and 12 x 64 at the benchmark shape; one entry per head-dim
   class, split between the timed head dims): the forward settings (``fwd_*``, ``rows``,
   ``fwd_num_warps``, ``stages``) of the fastest forward among the rows whose output and gradient
-  errors stay within 1.5x the default's plus 1e-3; ``bwd_fused_prefix`` where every pair of
-  forward + backward rows that differ only in it is faster with it;
+  errors stay within 1.5x the default's plus 1e-3; each backward switch (``bwd_fused_prefix``,
+  ``bwd_stream``) where every pair of forward + backward rows that differ only in it is faster with it;
 * prompt_add, the case with dropout (the training case): the forward settings (``fwd_one_pass``,
   ``block_m``, ``num_warps``, ``block_c``) of the fastest forward; each backward switch
   (``bwd_from_z``, ``bwd_finalize_kernel``) where the row that flips it alone is faster forward +
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TUNED_DIR = ROOT / "sa2vp_kernels" / "triton" / "tuned"
 
-ATTENTION_BWD = ("bwd_fused_prefix",)
+ATTENTION_BWD = ("bwd_fused_prefix", "bwd_stream")
 PROMPT_ADD_BWD = ("bwd_from_z", "bwd_finalize_kernel")
 
 

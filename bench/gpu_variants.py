@@ -16,8 +16,9 @@ Rows:
   query's keys split among programs (``fwd_prefix_splits``), and with the row-streaming forward
   (``fwd_stream``, with its programs per slice, warps, load forms and pipelining depths; head dims up
   to 128, so 12 x 64 only; not in a ``--tiny`` run, too few programs). The defaults, the fused variants
-  and the streaming forward also forward + backward. Diagnostic: the same layouts without a prefix
-  token (N = 196), to show what the prefix queries cost.
+  and the streaming forward also forward + backward; the streaming backward (``bwd_stream``, alone and
+  with the streaming forward, and with other warps and programs per slice) forward + backward only.
+  Diagnostic: the same layouts without a prefix token (N = 196), to show what the prefix queries cost.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
   (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0); the Triton kernels with their defaults, with the chunked
@@ -64,14 +65,25 @@ def _attention_variants():
         ("triton prefix st3", "triton", {}, ((_TLA, "_PREFIX_STAGES", 3),), {}),
     ]
     for settings in (*tla.TUNE_SETTINGS, {"fwd_fused_prefix": True, "bwd_fused_prefix": True},
-                     {"bwd_fused_prefix": True}):
+                     {"bwd_fused_prefix": True}, {"bwd_stream": True}, {"fwd_stream": True, "bwd_stream": True}):
         rows.append(("triton " + tla.settings_label(settings), "triton", {}, (), settings))
+    # the streaming backward's warps and programs per slice (diagnostics: a tuned file cannot set them)
+    for attr, value, label in (("_BWD_STREAM_NUM_WARPS", 2, "w2"), ("_BWD_STREAM_NUM_WARPS", 8, "w8"),
+                               ("_BWD_STREAM_SEGMENTS", 1, "seg1"), ("_BWD_STREAM_SEGMENTS", 4, "seg4")):
+        rows.append((f"triton bwd stream {label}", "triton", {}, ((_TLA, attr, value),), {"bwd_stream": True}))
     return rows
 
 
 # Attention variants also timed forward + backward (the others: forward only).
 _ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton dq fused",
                       "triton stream")
+
+
+def _attention_passes(label: str) -> tuple:
+    """The passes timed for an attention variant: the streaming backward's rows forward + backward only."""
+    if "bwd stream" in label:
+        return ("fwd+bwd",)
+    return ("fwd", "fwd+bwd") if label in _ATTENTION_FWD_BWD else ("fwd",)
 
 
 def _prompt_add_variants():
@@ -220,10 +232,11 @@ def main(argv=None) -> int:
         from sa2vp_kernels.triton import local_attn as tla
 
         for label, provider, env, patches, settings in variants:
-            if (settings or {}).get("fwd_stream") and not tla.stream_applies(
-                    settings, case.batch * case.heads, *case.grid, case.window, case.num_prefix, case.head_dim):
+            shape = (case.batch * case.heads, *case.grid, case.window, case.num_prefix, case.head_dim)
+            if ((settings or {}).get("fwd_stream") and not tla.stream_applies(settings, *shape)) or \
+                    ((settings or {}).get("bwd_stream") and not tla._bwd_stream_fits(*shape)):
                 continue  # (the call would run the default: the "triton" row)
-            passes = ("fwd", "fwd+bwd") if label in _ATTENTION_FWD_BWD else ("fwd",)
+            passes = _attention_passes(label)
             row("attention", case, label, provider, env, patches, settings, passes,
                 lambda p, c: common.attention_workload(p, c, device,
                                                        n_sets=common.rotation(3 * c.tensor_bytes(), device)),

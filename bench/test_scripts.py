@@ -195,7 +195,8 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     from sa2vp_kernels.triton import tuning
 
     defaults = (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
-                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tpa._row_blocks,
+                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tla.BWD_STREAM, tla._BWD_STREAM_NUM_WARPS,
+                tla._BWD_STREAM_SEGMENTS, tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL)
     attention, prompt_add = gpu_variants._attention_variants(), gpu_variants._prompt_add_variants()
     for section in (attention, prompt_add):
@@ -217,11 +218,15 @@ def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
                 assert plan is not None and plan.rows == (settings.get("rows") or plan.rows), label
             # (the streaming forward's rows run it at B=64, 12 x 64)
             assert tla.stream_applies(settings, 64 * 12, 14, 14, 3, 1, 64) == bool(settings.get("fwd_stream")), label
+            if settings.get("bwd_stream"):
+                with gpu_variants._patched(patches):
+                    assert tla._bwd_stream_fits(64 * 12, 14, 14, 3, 1, 64), label
         elif settings and {"block_m", "num_warps", "block_c"} & set(settings):
             blocks = tpa._fwd_row_blocks(settings, 768, 16, torch.bfloat16, cpu)
             assert blocks != tpa._row_blocks(768, 16, torch.bfloat16), label  # (they apply at 768 channels)
         assert (tla._tile_plan, tla._PREFIX_STAGES, tla.FWD_FUSED_PREFIX, tla.BWD_FUSED_PREFIX, tla.FWD_EARLY_V,
-                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tpa._row_blocks,
+                tla.FWD_STREAM, tla._STREAM_MIN_PROGRAMS, tla.BWD_STREAM, tla._BWD_STREAM_NUM_WARPS,
+                tla._BWD_STREAM_SEGMENTS, tpa._row_blocks,
                 tpa.FWD_ONE_PASS, tpa.BWD_FROM_Z, tpa.BWD_FINALIZE_KERNEL) == defaults
     assert gpu_variants.main(["--tiny", "--providers", "unfused", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-variants.json")

@@ -293,6 +293,41 @@ def test_stream_forward_views_and_gradcheck(monkeypatch):
         "stream reload stream-seg1"
 
 
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-"
+                         f"D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}")
+def test_stream_backward_matches_reference(case, border, monkeypatch):
+    """BWD_STREAM: dq, dk, dv in one walk over each segment's rows (plus a row above and below), the
+    prefix queries' dq in parts over the segments of a slice."""
+    B, H, grid, window, T, D, dtype, requested, segments = case
+    monkeypatch.setattr(tla, "BWD_STREAM", True)
+    monkeypatch.setattr(tla, "_BWD_STREAM_SEGMENTS", requested)
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = _forward_kernels(monkeypatch)
+    q, k, v = _qkv(B, H, T + grid[0] * grid[1], D, dtype=dtype, seed=15)
+    _assert_matches_reference(q, k, v, grid, window, T, border, **({"tol": 2e-5} if dtype == torch.float32 else {}))
+    bwd = launched[launched.index(tla._local_attn_bwd_stream_kernel):]
+    assert bwd[1:] == ([tla._combine_parts_kernel] if segments > 1 and T > 0 else [])
+
+
+def test_stream_forward_and_backward_gradcheck_and_fallback(monkeypatch):
+    """A float64 gradcheck with both passes streaming (turned on by the tuned settings); a call the
+    streaming backward does not take (window 5) runs the tiled kernels."""
+    from sa2vp_kernels.triton import tuning
+
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = _forward_kernels(monkeypatch)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2 + 4 * 3, 8, seed=16))
+    with tuning.override(local_attention={"fwd_stream": True, "bwd_stream": True}):
+        assert torch.autograd.gradcheck(lambda q, k, v: fwd_op(q, k, v, 4, 3, 3, 2, False, 0.8)[0], (q, k, v),
+                                        fast_mode=True)
+        assert tla._local_attn_bwd_stream_kernel in launched and tla._local_attn_bwd_dq_tiled_kernel not in launched
+        launched.clear()
+        _assert_matches_reference(*(t.detach() for t in (q, k, v)), (4, 3), 5, 2, "zero")
+    assert tla._local_attn_bwd_stream_kernel not in launched and tla._local_attn_bwd_dq_tiled_kernel in launched
+    assert tla.settings_label({"bwd_stream": True}) == "bwd stream"
+
+
 @pytest.mark.parametrize("what", ["window 5", "head dim 130", "width 33", "17 prefix tokens", "few slices"])
 def test_stream_forward_falls_back_to_the_tiles(what, monkeypatch):
     """Calls the streaming forward does not take run the tiled kernels (and still match)."""
@@ -472,9 +507,11 @@ def test_gpu_stream_against_float64(dtype, heads, head_dim, border, monkeypatch)
 
     monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
     launched = _forward_kernels(monkeypatch)
-    with tuning.override(local_attention={"fwd_stream": True}):  # (whatever the GPU's tuned file says)
+    with tuning.override(local_attention={"fwd_stream": True, "bwd_stream": True}):  # (not the GPU's tuned file)
         _low_precision_check(4, heads, (14, 14), 1, head_dim, dtype, border)
     assert tla._local_attn_fwd_stream_kernel in launched
+    # (the streaming backward: 16-bit inputs only on a GPU)
+    assert (tla._local_attn_bwd_stream_kernel in launched) == (dtype != torch.float32)
 
 
 @pytest.mark.gpu

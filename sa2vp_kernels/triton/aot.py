@@ -119,27 +119,26 @@ def _record_attention(quick: bool):
     # (their splits are among the tune settings below)
     split = [(f"{c[0]} split prefix", *c[1:]) for c in cases if c[6] >= 1 and not c[0].startswith("bench")
              and "window-walking" not in c[0]]
-    # and the row-streaming forward (FWD_STREAM) wherever it applies, whatever the batch
+    # and the row-streaming forward and backward (FWD_STREAM, BWD_STREAM) wherever they apply, whatever the batch
     stream = [(f"{c[0]} stream", *c[1:]) for c in cases
               if mod._stream_fits(mod._STREAM_MIN_PROGRAMS, c[4], c[7], c[6], c[5])]
     defaults = (mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V, mod.FWD_PREFIX_SPLITS, mod.FWD_STREAM,
-                mod._STREAM_MIN_PROGRAMS)
+                mod.BWD_STREAM, mod._STREAM_MIN_PROGRAMS)
     for label, B, H, gh, gw, D, T, window, dtype in cases + fused + split + stream:
         N = T + gh * gw
         q, k, v = (torch.empty((B, H, N, D), dtype=dtype, device="meta") for _ in range(3))
         mod.FWD_FUSED_PREFIX = mod.BWD_FUSED_PREFIX = "fused prefix" in label
         mod.FWD_EARLY_V = label.endswith("early-v")
         mod.FWD_PREFIX_SPLITS = 4 if label.endswith("split prefix") else 0
-        mod.FWD_STREAM = label.endswith(" stream")
+        mod.FWD_STREAM = mod.BWD_STREAM = label.endswith(" stream")
         mod._STREAM_MIN_PROGRAMS = 1
         try:
             with _recording(mod, "local_cross_attention", label) as rec:
                 out, lse = fwd(q, k, v, gh, gw, window, T, False, D ** -0.5)
-                if not mod.FWD_STREAM:  # (the backward does not depend on the forward's kernel)
-                    bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
+                bwd(torch.empty_like(out), q, k, v, out, lse, gh, gw, window, T, False, D ** -0.5)
         finally:
             (mod.FWD_FUSED_PREFIX, mod.BWD_FUSED_PREFIX, mod.FWD_EARLY_V, mod.FWD_PREFIX_SPLITS, mod.FWD_STREAM,
-             mod._STREAM_MIN_PROGRAMS) = defaults
+             mod.BWD_STREAM, mod._STREAM_MIN_PROGRAMS) = defaults
         yield from rec
     if quick:
         return

@@ -889,6 +889,158 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
             tl.store(part_lse_ptr + part_rows, m_p + tl.log(l_p), mask=t_ok)
 
 @triton.jit
+def _stream_bwd_pair(q, do, lse, delta, k, v, mask, sc, FP64: tl.constexpr, IEEE: tl.constexpr):
+    """``p`` and ``dS = p (dO v^T - delta)`` of a block of queries against a block of keys (0 where masked)."""
+    p = tl.where(mask, tl.exp(_dot_t(q, k, FP64, IEEE) * sc - lse[:, None]), 0.0)
+    return p, p * (_dot_t(do, v, FP64, IEEE) - delta[:, None])
+
+
+@triton.jit
+def _local_attn_bwd_stream_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, part_dq_ptr,
+                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son,
+                                  H, N, T, gh, gw, rad, seg_rows, scale_hi, scale_lo,
+                                  FP64: tl.constexpr, IEEE: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                                  SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                                  D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole backward of grid rows ``[y0, y1)`` of slice ``pid // SEGMENTS`` in one walk over its rows
+    (BWD_STREAM; windows of 1 and 3, head dims of one chunk): dq of those query rows, dk and dv of those
+    key rows, and the prefix queries' dq terms of those keys.
+
+    Step ``y`` takes query row ``y`` against key rows ``y - 1, y, y + 1`` (in registers, as in the
+    forward), adds its dq (stored at once) and its terms of the three rows' dk and dv (accumulated in
+    registers); key row ``y - 1`` then has all its terms and is stored. The prefix queries add their
+    terms of each key row as it arrives. The walk starts a row above the segment and ends a row below
+    it (those rows' queries add terms to the segment's first and last key rows; their own results
+    belong to the neighbouring segments). With SEGMENTS > 1 the prefix queries' dq is stored in parts
+    (``part_dq``) that ``_combine_parts_kernel`` adds up; segment 0 also does the prefix keys."""
+    pid = tl.program_id(0)
+    bh = pid // SEGMENTS
+    seg = pid - bh * SEGMENTS
+    y0 = seg * seg_rows
+    y1 = tl.minimum(y0 + seg_rows, gh)
+    ys = tl.maximum(y0 - 1, 0)
+    ye = tl.minimum(y1 + 1, gh)
+    sc = _scale(scale_hi, scale_lo, FP64)
+    acc_ty = sc.dtype
+    q_base = _slice_base(bh, H, sqb, sqh)
+    k_base = _slice_base(bh, H, skb, skh)
+    v_base = _slice_base(bh, H, svb, svh)
+    do_base = _slice_base(bh, H, sdob, sdoh)
+    o_base = _slice_base(bh, H, sob, soh)
+    out_base = bh.to(tl.int64) * N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    x = tl.arange(0, BLOCK_W)
+    x_ok = x < gw
+    band = (tl.abs(x[None, :] - x[:, None]) <= rad) & x_ok[None, :]
+    # key rows ys - 1 (zeros above the grid) and ys, their gradients so far
+    p_ok = x_ok & (ys > 0)
+    rows = (T + (ys - 1) * gw + x).to(tl.int64)
+    k_prev = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=p_ok[:, None] & d_ok, other=0.0)
+    v_prev = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=p_ok[:, None] & d_ok, other=0.0)
+    rows = (T + ys * gw + x).to(tl.int64)
+    k_cur = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+    v_cur = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=x_ok[:, None] & d_ok, other=0.0)
+    dk_prev = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+    dv_prev = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+    dk_cur = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+    dv_cur = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+    if HAS_PREFIX:
+        t = tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        t_rows = t.to(tl.int64)
+        t_mask = t_ok[:, None] & d_ok
+        qp = tl.load(q_ptr + q_base + t_rows[:, None] * sqn + offs_d[None, :], mask=t_mask, other=0.0)
+        dop = tl.load(do_ptr + do_base + t_rows[:, None] * sdon + offs_d[None, :], mask=t_mask, other=0.0)
+        op = tl.load(o_ptr + o_base + t_rows[:, None] * son + offs_d[None, :], mask=t_mask, other=0.0)
+        delta_p = tl.sum(dop.to(acc_ty) * op.to(acc_ty), axis=1)
+        lse_p = tl.load(lse_ptr + out_base + t_rows, mask=t_ok, other=0.0)
+        dq_p = tl.zeros([BLOCK_T, BLOCK_D], acc_ty)
+        if seg == 0:
+            # the prefix keys: terms of the prefix queries only
+            kp = tl.load(k_ptr + k_base + t_rows[:, None] * skn + offs_d[None, :], mask=t_mask, other=0.0)
+            vp = tl.load(v_ptr + v_base + t_rows[:, None] * svn + offs_d[None, :], mask=t_mask, other=0.0)
+            p, ds = _stream_bwd_pair(qp, dop, lse_p, delta_p, kp, vp, t_ok[:, None] & t_ok[None, :], sc, FP64, IEEE)
+            dq_p += _dot(ds, kp, FP64, IEEE)
+            o_rows = out_base + t_rows
+            tl.store(dk_ptr + o_rows[:, None] * D + offs_d[None, :],
+                     (_dot(tl.trans(ds), qp, FP64, IEEE) * sc).to(dk_ptr.dtype.element_ty), mask=t_mask)
+            tl.store(dv_ptr + o_rows[:, None] * D + offs_d[None, :],
+                     _dot(tl.trans(p), dop, FP64, IEEE).to(dv_ptr.dtype.element_ty), mask=t_mask)
+        # key row ys, where it is the segment's (the first segment)
+        own = x_ok & (ys >= y0)
+        p, ds = _stream_bwd_pair(qp, dop, lse_p, delta_p, k_cur, v_cur, t_ok[:, None] & own[None, :], sc, FP64, IEEE)
+        dq_p += _dot(ds, k_cur, FP64, IEEE)
+        dk_cur += _dot(tl.trans(ds), qp, FP64, IEEE)
+        dv_cur += _dot(tl.trans(p), dop, FP64, IEEE)
+    for y in range(ys, ye):
+        # key row y + 1 (zeros past the last row); query row y
+        n_ok = x_ok & (y + 1 < gh)
+        rows = (T + (y + 1) * gw + x).to(tl.int64)
+        k_next = tl.load(k_ptr + k_base + rows[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                         other=0.0)
+        v_next = tl.load(v_ptr + v_base + rows[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok,
+                         other=0.0)
+        dk_next = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+        dv_next = tl.zeros([BLOCK_W, BLOCK_D], acc_ty)
+        rows = (T + y * gw + x).to(tl.int64)
+        q_mask = x_ok[:, None] & d_ok
+        q = tl.load(q_ptr + q_base + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + do_base + rows[:, None] * sdon + offs_d[None, :], mask=q_mask, other=0.0)
+        o = tl.load(o_ptr + o_base + rows[:, None] * son + offs_d[None, :], mask=q_mask, other=0.0)
+        delta = tl.sum(do.to(acc_ty) * o.to(acc_ty), axis=1)
+        o_rows = out_base + rows
+        lse = tl.load(lse_ptr + o_rows, mask=x_ok, other=0.0)
+        if HAS_PREFIX:
+            own = n_ok & (y + 1 >= y0) & (y + 1 < y1)
+            p, ds = _stream_bwd_pair(qp, dop, lse_p, delta_p, k_next, v_next, t_ok[:, None] & own[None, :], sc,
+                                     FP64, IEEE)
+            dq_p += _dot(ds, k_next, FP64, IEEE)
+            dk_next += _dot(tl.trans(ds), qp, FP64, IEEE)
+            dv_next += _dot(tl.trans(p), dop, FP64, IEEE)
+        up = band & (y > 0) & (rad > 0)
+        down = band & (y + 1 < gh) & (rad > 0)
+        p_up, ds_up = _stream_bwd_pair(q, do, lse, delta, k_prev, v_prev, up, sc, FP64, IEEE)
+        p_mid, ds_mid = _stream_bwd_pair(q, do, lse, delta, k_cur, v_cur, band, sc, FP64, IEEE)
+        p_down, ds_down = _stream_bwd_pair(q, do, lse, delta, k_next, v_next, down, sc, FP64, IEEE)
+        dq = _dot(ds_up, k_prev, FP64, IEEE) + _dot(ds_mid, k_cur, FP64, IEEE) + _dot(ds_down, k_next, FP64, IEEE)
+        tl.store(dq_ptr + o_rows[:, None] * D + offs_d[None, :], (dq * sc).to(dq_ptr.dtype.element_ty),
+                 mask=q_mask & (y >= y0) & (y < y1))
+        dk_prev += _dot(tl.trans(ds_up), q, FP64, IEEE)
+        dv_prev += _dot(tl.trans(p_up), do, FP64, IEEE)
+        dk_cur += _dot(tl.trans(ds_mid), q, FP64, IEEE)
+        dv_cur += _dot(tl.trans(p_mid), do, FP64, IEEE)
+        dk_next += _dot(tl.trans(ds_down), q, FP64, IEEE)
+        dv_next += _dot(tl.trans(p_down), do, FP64, IEEE)
+        # key row y - 1 has all its terms now
+        rows = out_base + (T + (y - 1) * gw + x).to(tl.int64)
+        done = x_ok[:, None] & d_ok & (y - 1 >= y0) & (y - 1 < y1)
+        tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], (dk_prev * sc).to(dk_ptr.dtype.element_ty), mask=done)
+        tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], dv_prev.to(dv_ptr.dtype.element_ty), mask=done)
+        k_prev = k_cur
+        v_prev = v_cur
+        k_cur = k_next
+        v_cur = v_next
+        dk_prev = dk_cur
+        dv_prev = dv_cur
+        dk_cur = dk_next
+        dv_cur = dv_next
+    # key row ye - 1 (the grid's last row, where it is the segment's)
+    rows = out_base + (T + (ye - 1) * gw + x).to(tl.int64)
+    done = x_ok[:, None] & d_ok & (ye - 1 >= y0) & (ye - 1 < y1)
+    tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], (dk_prev * sc).to(dk_ptr.dtype.element_ty), mask=done)
+    tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], dv_prev.to(dv_ptr.dtype.element_ty), mask=done)
+    if HAS_PREFIX:
+        if SEGMENTS == 1:
+            o_rows = out_base + t_rows
+            tl.store(dq_ptr + o_rows[:, None] * D + offs_d[None, :], (dq_p * sc).to(dq_ptr.dtype.element_ty),
+                     mask=t_mask)
+        else:
+            part_rows = (bh * T + t).to(tl.int64) * SEGMENTS + seg
+            tl.store(part_dq_ptr + part_rows[:, None] * D + offs_d[None, :], dq_p * sc, mask=t_mask)
+
+
+@triton.jit
 def _bwd_dq_tile(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, part_dq_ptr, tile,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son,
                  H, N, T, gh, gw, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
@@ -1181,6 +1333,14 @@ STREAM_PREFETCH = False
 # falls back to them.
 _STREAM_NUM_WARPS = 4
 _STREAM_STAGES = 2
+# The backward in one walk over the rows the same way (_local_attn_bwd_stream_kernel: dq, dk and dv in
+# one launch, every input read once), for 16-bit inputs where the forward's streaming would apply (float32
+# spills kilobytes of registers on sm_90; float64 only under the interpreter); _BWD_STREAM_SEGMENTS
+# programs per slice, _BWD_STREAM_NUM_WARPS warps (0: the forward's; sm_90, 12 x 64 bf16: 206 registers
+# with 4 warps, 210 with 8, 16 spill). Off by default until timed on a GPU.
+BWD_STREAM = False
+_BWD_STREAM_SEGMENTS = 2
+_BWD_STREAM_NUM_WARPS = 0
 # The backward's dq kernel takes the prefix queries into the grid tiles the same way (_bwd_dq_tile,
 # FUSE_PREFIX; off by default until timed on a GPU).
 BWD_FUSED_PREFIX = False
@@ -1297,6 +1457,8 @@ def settings_label(settings: dict) -> str:
               if settings.get(key)]
     if settings.get("bwd_fused_prefix"):
         parts.append("fwd+dq" if parts == ["fused"] else "dq fused")
+    if settings.get("bwd_stream"):
+        parts.append("bwd stream")
     return " ".join(parts)
 
 
@@ -1372,6 +1534,13 @@ def _stream_num_warps(dtype: torch.dtype, grid_w: int, D: int) -> int:
     warps, no spills; float32 ones 255 with 8 warps and spill 8 bytes.)"""
     wide = max(16, triton.next_power_of_2(grid_w)) * max(16, triton.next_power_of_2(D)) > 32 * 64
     return _STREAM_NUM_WARPS * (2 if dtype.itemsize >= 4 else 1) * (2 if wide else 1)
+
+
+def _bwd_stream_fits(slices: int, grid_h: int, grid_w: int, window: int, num_prefix: int, D: int) -> bool:
+    """Whether the row-streaming backward takes a call of these shapes (see BWD_STREAM; the dtype is checked
+    apart)."""
+    segments = _stream_segments(_BWD_STREAM_SEGMENTS, grid_h)[0]
+    return _stream_fits(slices * segments, grid_w, window, num_prefix, D)
 
 
 def _stream_segments(requested: int, grid_h: int) -> tuple[int, int]:
@@ -1537,9 +1706,29 @@ def local_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ieee = q.dtype == torch.float32
     shape_args = (H, N, num_prefix, grid_h, grid_w, ry, rx)
 
+    tuned = tuning.attention_settings(q.device, q.dtype, D)
+    if (tuned.get("bwd_stream", BWD_STREAM) and (q.dtype.itemsize == 2 or _INTERPRETED)
+            and _bwd_stream_fits(B * H, grid_h, grid_w, window, num_prefix, D)):
+        segments, seg_rows = _stream_segments(_BWD_STREAM_SEGMENTS, grid_h)
+        split = num_prefix > 0 and segments > 1
+        part_dq = torch.empty((bht * segments, D), dtype=acc_dtype, device=q.device) if split else delta
+        _launch(
+            _local_attn_bwd_stream_kernel, (B * H * segments,), q, k, v, grad_out, out, lse, dq, dk, dv, part_dq,
+            *_strides(q, k, v, grad_out, out), H, N, num_prefix, grid_h, grid_w, rad, seg_rows,
+            *split_float(scale), FP64=fp64, IEEE=ieee, HAS_PREFIX=num_prefix > 0, SEGMENTS=segments,
+            BLOCK_T=max(16, triton.next_power_of_2(num_prefix)), BLOCK_W=max(16, triton.next_power_of_2(grid_w)),
+            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            num_warps=_BWD_STREAM_NUM_WARPS or _stream_num_warps(q.dtype, grid_w, D),
+        )
+        if split:
+            block_t = triton.next_power_of_2(segments)
+            _launch(_combine_parts_kernel, (bht,), part_dq, part_dq, dq, lse, N, num_prefix, segments,
+                    WEIGHTED=False, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)),
+                    num_warps=2)
+        return dq, dk, dv
+
     plan = None
-    if (tuning.attention_settings(q.device, q.dtype, D).get("bwd_fused_prefix", BWD_FUSED_PREFIX)
-            and 1 <= num_prefix <= _FUSED_PREFIX_MAX):
+    if tuned.get("bwd_fused_prefix", BWD_FUSED_PREFIX) and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
         plan = _tile_plan(grid_h, grid_w, ry, rx, num_prefix, D, q.dtype, num_prefix)
     fused = plan is not None
     if not fused:
