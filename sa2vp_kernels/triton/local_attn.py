@@ -711,6 +711,27 @@ def _dot(p, v, FP64: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _stream_segment(SEGMENTS: tl.constexpr, seg_rows, gh):
+    """This program's slice, segment, and grid rows ``[y0, y1)`` of the streaming kernels."""
+    pid = tl.program_id(0)
+    bh = pid // SEGMENTS
+    seg = pid - bh * SEGMENTS
+    y0 = seg * seg_rows
+    return bh, seg, y0, tl.minimum(y0 + seg_rows, gh)
+
+
+@triton.jit
+def _stream_lanes(gw, rad, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head-dim offsets and mask, the lanes of a grid row (column ``x``) and their validity, and which
+    query lane (row) sees which key lane (column) of a grid row within the window."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x = tl.arange(0, BLOCK_W)
+    x_ok = x < gw
+    band = (tl.abs(x[None, :] - x[:, None]) <= rad) & x_ok[None, :]
+    return offs_d, (offs_d < D)[None, :], x, x_ok, band
+
+
+@triton.jit
 def _stream_prefix_step(qp, k, v, key_ok, p_ok, m, l, acc, sc, FP64: tl.constexpr, IEEE: tl.constexpr):
     """One online-softmax step of the prefix queries ``qp`` over a block of keys (lanes ``key_ok``)."""
     mask = p_ok[:, None] & key_ok[None, :]
@@ -742,22 +763,13 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
     Triton's software pipeliner can fetch a step ahead; the rows it keeps cannot be). PREFETCH (without
     RELOAD): each step issues the loads of the next step's new rows (keys and values of row y + 2, queries
     of row y + 1) and works on those the step before issued, so their latency overlaps its work."""
-    pid = tl.program_id(0)
-    bh = pid // SEGMENTS
-    seg = pid - bh * SEGMENTS
-    y0 = seg * seg_rows
-    y1 = tl.minimum(y0 + seg_rows, gh)
+    bh, seg, y0, y1 = _stream_segment(SEGMENTS, seg_rows, gh)
     sc = _scale(scale_hi, scale_lo, FP64)
     q_base = _slice_base(bh, H, sqb, sqh)
     k_base = _slice_base(bh, H, skb, skh)
     v_base = _slice_base(bh, H, svb, svh)
     o_base = bh.to(tl.int64) * N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < D)[None, :]
-    x = tl.arange(0, BLOCK_W)
-    x_ok = x < gw
-    # query lane (row) sees key lane (column): same-row neighbours within the window
-    band = (tl.abs(x[None, :] - x[:, None]) <= rad) & x_ok[None, :]
+    offs_d, d_ok, x, x_ok, band = _stream_lanes(gw, rad, BLOCK_W, D, BLOCK_D)
     if ZERO_BORDER:
         nx = tl.minimum(x + rad, gw - 1) - tl.maximum(x - rad, 0) + 1
     if not RELOAD:
@@ -913,11 +925,7 @@ def _local_attn_bwd_stream_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, d
     it (those rows' queries add terms to the segment's first and last key rows; their own results
     belong to the neighbouring segments). With SEGMENTS > 1 the prefix queries' dq is stored in parts
     (``part_dq``) that ``_combine_parts_kernel`` adds up; segment 0 also does the prefix keys."""
-    pid = tl.program_id(0)
-    bh = pid // SEGMENTS
-    seg = pid - bh * SEGMENTS
-    y0 = seg * seg_rows
-    y1 = tl.minimum(y0 + seg_rows, gh)
+    bh, seg, y0, y1 = _stream_segment(SEGMENTS, seg_rows, gh)
     ys = tl.maximum(y0 - 1, 0)
     ye = tl.minimum(y1 + 1, gh)
     sc = _scale(scale_hi, scale_lo, FP64)
@@ -928,11 +936,7 @@ def _local_attn_bwd_stream_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, d
     do_base = _slice_base(bh, H, sdob, sdoh)
     o_base = _slice_base(bh, H, sob, soh)
     out_base = bh.to(tl.int64) * N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < D)[None, :]
-    x = tl.arange(0, BLOCK_W)
-    x_ok = x < gw
-    band = (tl.abs(x[None, :] - x[:, None]) <= rad) & x_ok[None, :]
+    offs_d, d_ok, x, x_ok, band = _stream_lanes(gw, rad, BLOCK_W, D, BLOCK_D)
     # key rows ys - 1 (zeros above the grid) and ys, their gradients so far
     p_ok = x_ok & (ys > 0)
     rows = (T + (ys - 1) * gw + x).to(tl.int64)
