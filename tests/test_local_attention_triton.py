@@ -277,7 +277,7 @@ def test_stream_forward_views_and_gradcheck(monkeypatch):
     N = T + grid[0] * grid[1]
     q = _rand(1, H, N, D, seed=3).expand(B, H, N, D)
     k, v = _rand(B, N, H, 2, D, seed=4).permute(3, 0, 2, 1, 4).unbind(0)
-    for loads in ({}, {"stream_reload": True}, {"stream_prefetch": True}):
+    for loads in ({"stream_prefetch": False}, {"stream_reload": True}, {"stream_prefetch": True}):
         with tuning.override(local_attention={"fwd_stream": True, **loads}):
             for border in BORDERS:
                 _assert_matches_reference(q, k, v, grid, 3, T, border)
@@ -291,6 +291,7 @@ def test_stream_forward_views_and_gradcheck(monkeypatch):
         "stream stream-w8 stream-st3"
     assert tla.settings_label({"fwd_stream": True, "stream_reload": True, "stream_segments": 1}) == \
         "stream reload stream-seg1"
+    assert tla.settings_label({"fwd_stream": True, "stream_prefetch": False}) == "stream keep"
 
 
 @pytest.mark.parametrize("border", BORDERS)
