@@ -245,10 +245,18 @@ def _forward_kernels(monkeypatch):
     return launched
 
 
+def _stream_id(c):
+    return f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}"
+
+
+# The default load form (prefetch) on every case, the other two on a few (uneven segments with three
+# prefix tokens, 16 prefix tokens in one-row segments, float32 at D = 128, window 1).
+STREAM_FORWARD_CASES = ([(c, "prefetch") for c in STREAM_CASES]
+                        + [(STREAM_CASES[i], loads) for i in (1, 3, 6, 7) for loads in ("keep", "reload")])
+
+
 @pytest.mark.parametrize("border", BORDERS)
-@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-"
-                         f"D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}")
-@pytest.mark.parametrize("loads", ["keep", "reload", "prefetch"])
+@pytest.mark.parametrize("case,loads", STREAM_FORWARD_CASES, ids=lambda c: c if isinstance(c, str) else _stream_id(c))
 def test_stream_forward_matches_reference(case, border, loads, monkeypatch):
     B, H, grid, window, T, D, dtype, requested, segments = case
     assert tla._stream_segments(requested, grid[0])[0] == segments
@@ -295,8 +303,7 @@ def test_stream_forward_views_and_gradcheck(monkeypatch):
 
 
 @pytest.mark.parametrize("border", BORDERS)
-@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-w{c[3]}-T{c[4]}-"
-                         f"D{c[5]}-{str(c[6]).split('.')[-1]}-seg{c[7]}")
+@pytest.mark.parametrize("case", STREAM_CASES, ids=_stream_id)
 def test_stream_backward_matches_reference(case, border, monkeypatch):
     """BWD_STREAM: dq, dk, dv in one walk over each segment's rows (plus a row above and below), the
     prefix queries' dq in parts over the segments of a slice."""
