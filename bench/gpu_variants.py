@@ -18,7 +18,11 @@ Rows:
   to 128, so 12 x 64 only; not in a ``--tiny`` run, too few programs). The defaults, the fused variants
   and the streaming forward also forward + backward; the streaming backward (``bwd_stream``, alone and
   with the streaming forward, and with other warps and programs per slice) forward + backward only.
-  Diagnostic: the same layouts without a prefix token (N = 196), to show what the prefix queries cost.
+  Diagnostic: the same layouts without a prefix token (N = 196), to show what the prefix queries cost;
+  the device time of each kernel of the main forward variants (torch.profiler, ``kernels`` in their
+  records; ``--no-profile`` leaves it out), to show what each launch of a variant costs.
+  ``fwd_inline_combine`` (the last program of a split prefix query or slice combines the parts instead
+  of a second launch) with the fused tiles, the split prefix keys and the streaming forward.
 * prompt_add (p = 0.1) forward and forward + backward: the CUDA kernels with and without the staged
   forward (SA2VP_CUDA_PROMPT_ADD_STAGED) and with the parameter gradients from ATen ops
   (SA2VP_CUDA_PROMPT_ADD_FINALIZE=0); the Triton kernels with their defaults, with the chunked
@@ -77,6 +81,13 @@ def _attention_variants():
 # Attention variants also timed forward + backward (the others: forward only).
 _ATTENTION_FWD_BWD = ("cuda default", "triton", "triton fused", "triton fused fwd+dq", "triton dq fused",
                       "triton stream")
+
+
+# Forward rows whose kernels are also profiled (torch.profiler, eager calls): the device time of each
+# kernel (the main launch, the combine of the prefix queries' parts, the counters' memset), to show what
+# a variant's second launch costs against its main one.
+_PROFILED = ("triton", "triton fused", "triton fused inline", "triton split8", "triton split8 inline",
+             "triton stream", "triton stream inline")
 
 
 def _attention_passes(label: str) -> tuple:
@@ -155,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default="cuda,triton,unfused",
                         help="comma-separated providers to time (default: cuda,triton,unfused)")
     parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. triton)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="do not profile the kernels of the main forward variants (torch.profiler)")
     parser.add_argument("--quick", action="store_true",
                         help="a few rows per op (the defaults, a fused attention, the fused dq, a prompt_add "
                              "configuration, a backward switch, the unfused modules); no sweeps, no diagnostics")
@@ -168,6 +181,7 @@ def main(argv=None) -> int:
     from sa2vp_kernels.triton import tuning
 
     providers = {p.strip() for p in args.providers.split(",") if p.strip()}
+    profile = not args.no_profile
     unknown = providers - {"cuda", "triton", "unfused"}
     if unknown:
         parser.error(f"--providers: unknown {sorted(unknown)}; choose from cuda, triton, unfused")
@@ -213,6 +227,10 @@ def main(argv=None) -> int:
                         rec["ms"] = timed(work.runner(pass_))
                         rec["bytes"] = case.bytes(pass_)
                         rec["bw_frac"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e9 / copy["gbps"]
+                        if profile and label in _PROFILED and pass_ == "fwd" and section == "attention":
+                            prof = common.profile_kernels(work.runner(pass_), device,
+                                                          iters=20 if device.type == "cuda" else 1)
+                            rec["kernels"] = [[name[:80], calls, ms] for name, calls, ms in prof["kernels"]]
                     except Exception as exc:  # a variant that fails is recorded, the others still run
                         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     results["records"].append(rec)
@@ -220,6 +238,8 @@ def main(argv=None) -> int:
                            else rec["error"])
                     errs = "".join(f"  {k.replace('rel_err_', 'err ')} {v:.1e}" for k, v in err.items())
                     print(f"{section:<10} {case.label:<36} {label:<20} {pass_:<8} {msg}{errs}", flush=True)
+                    for name, calls, ms in rec.get("kernels", ()):
+                        print(f"{'':<10} {'':<36} {'':<20} kernel   {ms:.4f} ms x{calls} {name}", flush=True)
                 del work
         except Exception as exc:
             results["records"].append({"section": section, "case": case.label, "variant": label,
@@ -257,7 +277,8 @@ def main(argv=None) -> int:
         pa_variants = [v for v in pa_variants if v[0] in ("cuda staged", "triton", "triton m32 w8 c128",
                                                            "triton torch-sums", "unfused")]
     first = [v for v in attn_variants
-             if v[1] == "cuda" or v[0] == "triton" or any(w in v[0] for w in ("fused", "early", "stream"))]
+             if v[1] == "cuda" or v[0] in ("triton", "triton split8")
+             or any(w in v[0] for w in ("fused", "early", "stream", "inline"))]
     attn_cases = [common.AttnCase(batch, heads, dim, grid=grid, window=3, border="clip", dtype=dtype)
                   for heads, dim in layouts]
     for case in attn_cases:

@@ -382,6 +382,11 @@ def test_gpu_tune_script_dry_run(tmp_path):
     records = json.loads(variants.read_text())["records"]
     assert {r["variant"] for r in records} >= {"triton", "triton fused", "triton m32 w8 c128", "unfused"}
     assert all(r["settings"] is not None for r in records if r["provider"] == "triton")
+    # the main forward variants' kernels (profiled; on the CPU there are none, the record is still written)
+    profiled = [r for r in records if r["section"] == "attention" and r["variant"] == "triton fused"
+                and r["pass"] == "fwd"]
+    assert profiled and all(isinstance(r["kernels"], list) and all(ms >= 0 for _, _, ms in r["kernels"])
+                            for r in profiled)
     # --margin 0: whatever was fastest is written (timings under the interpreter mean nothing).
     assert f"tuned settings: wrote {tuned}" in log, log
     assert json.loads((out / tuned.name).read_text()) == json.loads(tuned.read_text())

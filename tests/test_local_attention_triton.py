@@ -9,6 +9,7 @@ GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so the shapes 
 """
 import pytest
 import torch
+import triton
 
 from sa2vp_kernels.reference import local_cross_attention_lse, local_cross_attention_vectorized
 from sa2vp_kernels.triton import local_attn as tla
@@ -336,6 +337,58 @@ def test_stream_forward_and_backward_gradcheck_and_fallback(monkeypatch):
     assert tla.settings_label({"bwd_stream": True}) == "bwd stream"
 
 
+# FWD_INLINE_COMBINE / the tuned setting fwd_inline_combine: wherever the forward splits the prefix
+# queries among programs, the last program of a slice (fused tiles, streaming segments) or of a prefix
+# query (split prefix keys) to finish combines the parts, counted by an atomic counter, instead of
+# _combine_parts_kernel in a second launch. Cases: (path, B, H, grid, T, D, parts per query).
+INLINE_CASES = [
+    ("fused", 2, 2, (5, 7), 2, 24, 3),       # whole-row tiles of 2 rows: 3 tiles per slice
+    ("split", 1, 2, (9, 11), 1, 40, 2),      # 100 keys in blocks of 64
+    ("stream", 2, 1, (4, 3), 3, 40, 2),      # two segments per slice, three prefix tokens
+]
+
+
+@pytest.mark.parametrize("case", INLINE_CASES, ids=lambda c: c[0])
+def test_inline_combine_matches_reference_and_the_second_launch(case, monkeypatch):
+    from sa2vp_kernels.triton import tuning
+
+    path, B, H, grid, T, D, parts = case
+    settings = {"fused": {"fwd_fused_prefix": True}, "split": {"fwd_prefix_splits": 8},
+                "stream": {"fwd_stream": True, "stream_segments": 2}}[path]
+    monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
+    launched = []
+    real = tla._launch
+    monkeypatch.setattr(tla, "_launch", lambda kernel, *a, **kw: (launched.append((kernel, kw)), real(kernel, *a, **kw)))
+    N = T + grid[0] * grid[1]
+    # (a first call on other inputs, so that buffers the inline combine failed to write would hold its
+    # outputs, not these)
+    q0, k0, v0 = _qkv(B, H, N, D, seed=30)
+    q, k, v = _qkv(B, H, N, D, seed=31)
+    with tuning.override(local_attention=settings):
+        separate = fwd_op(q, k, v, grid[0], grid[1], 3, T, True, 0.4)
+    with tuning.override(local_attention={**settings, "fwd_inline_combine": True}):
+        fwd_op(q0, k0, v0, grid[0], grid[1], 3, T, True, 0.4)
+        launched.clear()
+        for border in BORDERS:
+            _assert_matches_reference(q, k, v, grid, 3, T, border)
+        inline = fwd_op(q, k, v, grid[0], grid[1], 3, T, True, 0.4)
+    fwd = [(kernel, kw) for kernel, kw in launched if "INLINE_COMBINE" in kw]
+    assert fwd and all(kw["INLINE_COMBINE"] and kw["BLOCK_PARTS"] == triton.next_power_of_2(parts) for _, kw in fwd)
+    assert tla._combine_parts_kernel not in [kernel for kernel, kw in launched if "WEIGHTED" in kw and kw["WEIGHTED"]]
+    # the same sums in the same order as the second launch's
+    assert torch.equal(inline[0], separate[0]) and torch.equal(inline[1], separate[1])
+    assert tla.settings_label({**settings, "fwd_inline_combine": True}).endswith("inline")
+
+
+def test_inline_combine_gradcheck():
+    from sa2vp_kernels.triton import tuning
+
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2 + 3 * 4, 8, seed=32))
+    with tuning.override(local_attention={"fwd_fused_prefix": True, "fwd_inline_combine": True}):
+        assert torch.autograd.gradcheck(lambda q, k, v: fwd_op(q, k, v, 3, 4, 3, 2, False, 0.6)[0], (q, k, v),
+                                        fast_mode=True)
+
+
 @pytest.mark.parametrize("what", ["window 5", "head dim 130", "width 33", "17 prefix tokens", "few slices"])
 def test_stream_forward_falls_back_to_the_tiles(what, monkeypatch):
     """Calls the streaming forward does not take run the tiled kernels (and still match)."""
@@ -520,6 +573,32 @@ def test_gpu_stream_against_float64(dtype, heads, head_dim, border, monkeypatch)
     assert tla._local_attn_fwd_stream_kernel in launched
     # (the streaming backward: 16-bit inputs only on a GPU)
     assert (tla._local_attn_bwd_stream_kernel in launched) == (dtype != torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", [{"fwd_fused_prefix": True}, {"fwd_prefix_splits": 8},
+                                      {"fwd_stream": True}], ids=["fused", "split8", "stream"])
+@pytest.mark.parametrize("heads,head_dim", [(12, 64), (1, 768)], ids=["12x64", "1x768"])
+def test_gpu_inline_combine_against_the_second_launch(settings, heads, head_dim, monkeypatch):
+    """FWD_INLINE_COMBINE on a GPU: the last program of a group reads the others' parts after an atomic
+    counter says they are written. A missing release or acquire would show as outputs that differ from
+    the second launch's now and then, so many calls on the benchmark's batch (many programs racing)."""
+    from sa2vp_kernels.triton import tuning
+
+    if settings.get("fwd_stream") and head_dim > tla._STREAM_MAX_D:
+        pytest.skip("the streaming forward takes head dims up to 128")
+    B, T, grid = 64, 1, (14, 14)
+    N = T + grid[0] * grid[1]
+    q, k, v = _qkv(B, heads, N, head_dim, dtype=torch.bfloat16, seed=40)
+    args = (grid[0], grid[1], 3, T, False, head_dim ** -0.5)
+    with tuning.override(local_attention=settings):
+        want = fwd_op(q, k, v, *args)
+    launched = _forward_kernels(monkeypatch)
+    with tuning.override(local_attention={**settings, "fwd_inline_combine": True}):
+        for _ in range(50):
+            got = fwd_op(q, k, v, *args)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert tla._combine_parts_kernel not in launched
 
 
 @pytest.mark.gpu

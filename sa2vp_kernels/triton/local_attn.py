@@ -132,13 +132,15 @@ def _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, i,
 
 
 @triton.jit
-def _fwd_prefix_part(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, pid, T, split_len,
+def _fwd_prefix_part(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr, pid, T, split_len,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
-                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     SPLITS: tl.constexpr, INLINE_COMBINE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, STAGES: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                     PARTS_DC: tl.constexpr):
     """Part ``pid % SPLITS`` of prefix query ``pid // SPLITS`` (of all slices, ``bh * T + i``): keys
     ``[part * split_len, (part + 1) * split_len)``, never empty. Its normalised output and log-sum-exp
-    go to row ``pid`` of ``part_o`` / ``part_lse``; ``_combine_parts_kernel`` weighs the parts."""
+    go to row ``pid`` of ``part_o`` / ``part_lse``; ``_combine_parts_kernel`` weighs the parts, or
+    (INLINE_COMBINE) the query's last part to finish does."""
     qi = pid // SPLITS
     start = (pid - qi * SPLITS) * split_len
     bh = qi // T
@@ -148,6 +150,10 @@ def _fwd_prefix_part(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, pid, T, spli
     row = pid.to(tl.int64)
     tl.store(part_o_ptr + row * D + offs_d, acc / l, mask=offs_d < D)
     tl.store(part_lse_ptr + row, m + tl.log(l))
+    if INLINE_COMBINE:
+        if _last_part(count_ptr + qi, SPLITS):
+            _combine_row(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, qi, bh.to(tl.int64) * N + (qi - bh * T),
+                         SPLITS, True, D, BLOCK_PARTS, PARTS_DC)
 
 
 @triton.jit
@@ -521,12 +527,13 @@ def _prefix_lanes(tile, bh, y0, x0, ky, kx, q_ok, k_ok, mask, q_rows, k_rows, T,
 
 
 @triton.jit
-def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, tile,
+def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr, tile,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
               H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
               ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr, FUSE_PREFIX: tl.constexpr,
-              EARLY_V: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-              BLOCK_DC: tl.constexpr, STAGES: tl.constexpr):
+              EARLY_V: tl.constexpr, INLINE_COMBINE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+              D: tl.constexpr, BLOCK_DC: tl.constexpr, STAGES: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+              PARTS_DC: tl.constexpr):
     """One tile of grid queries against its halo of keys.
 
     Under FUSE_PREFIX the prefix queries ride along in spare lanes of every tile: the ``T`` lanes
@@ -534,8 +541,9 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     A prefix lane sees the tile's own grid keys (the halo without its border) and, in the slice's
     first tile, the prefix keys, so the tiles of a slice split each prefix query's keys between them.
     Each tile stores its part of every prefix query's output, normalised, and its log-sum-exp
-    (``part_o``, ``part_lse``); ``_combine_parts_kernel`` adds them up. The prefix queries then
-    read no key or value that the tiles do not read anyway.
+    (``part_o``, ``part_lse``); ``_combine_parts_kernel`` adds them up, or (INLINE_COMBINE) the
+    slice's last tile to finish does. The prefix queries then read no key or value that the tiles do
+    not read anyway.
 
     EARLY_V (head dims of one chunk only): the values are loaded with the queries and keys, so that
     their latency overlaps the scores' instead of following the softmax."""
@@ -606,73 +614,111 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, t
     tl.store(lse_ptr + o_rows, m + tl.log(l), mask=q_ok)
     if FUSE_PREFIX:
         tl.store(part_lse_ptr + part_rows, m + tl.log(l), mask=p_ok)
+        if INLINE_COMBINE:
+            _combine_slice_inline(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, count_ptr, bh, N, T, n_tiles, D,
+                                  BLOCK_PARTS, PARTS_DC)
 
 
 @triton.jit
-def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+def _local_attn_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr,
                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                  H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols,
                                  n_prefix_programs, split_len, scale_hi, scale_lo,
                                  ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                                  FUSE_PREFIX: tl.constexpr, EARLY_V: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+                                 INLINE_COMBINE: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-                                 STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr):
+                                 STAGES: tl.constexpr, PREFIX_STAGES: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                                 PARTS_DC: tl.constexpr):
     pid = tl.program_id(0)
     sc = _scale(scale_hi, scale_lo, FP64)
     if FUSE_PREFIX:
         # (no prefix programs: the kernel holds no registers or shared memory for them)
-        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid,
+        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr, pid,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                  ZERO_BORDER, FP64, IEEE, True, EARLY_V, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                  ZERO_BORDER, FP64, IEEE, True, EARLY_V, INLINE_COMBINE, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES,
+                  BLOCK_PARTS, PARTS_DC)
     elif pid < n_prefix_programs:
         if PREFIX_SPLITS > 1:
             # each prefix query's keys in PREFIX_SPLITS parts (split_len keys each), combined afterwards
-            _fwd_prefix_part(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, pid, T, split_len,
-                             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
-                             PREFIX_SPLITS, BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
+            _fwd_prefix_part(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr, pid, T,
+                             split_len, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
+                             PREFIX_SPLITS, INLINE_COMBINE, BLOCK_N, D, BLOCK_D, PREFIX_STAGES, BLOCK_PARTS,
+                             PARTS_DC)
         else:
             bh = pid // T
             _fwd_prefix_query(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bh, pid - bh * T,
                               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, N, sc,
                               BLOCK_N, D, BLOCK_D, PREFIX_STAGES)
     else:
-        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid - n_prefix_programs,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+        _fwd_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr,
+                  pid - n_prefix_programs, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                   H, N, T, gh, gw, rad, ry, rx, rows, cols, x_tiles, halo_x, halo_cols, sc,
-                  ZERO_BORDER, FP64, IEEE, False, EARLY_V, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES)
+                  ZERO_BORDER, FP64, IEEE, False, EARLY_V, False, BLOCK_Q, BLOCK_K, D, BLOCK_DC, STAGES,
+                  BLOCK_PARTS, PARTS_DC)
+
+
+@triton.jit
+def _combine_row(part_ptr, part_lse_ptr, out_ptr, lse_ptr, q_index, out_row, n_parts, WEIGHTED: tl.constexpr,
+                 D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Row ``out_row`` of ``out`` from parts ``q_index * n_parts + [0, n_parts)``, added in part order.
+    WEIGHTED (the forward): the parts are normalised outputs with log-sum-exps ``lse_t``, weighted by
+    ``exp(lse_t - lse)`` with ``lse = log(sum_t exp(lse_t))``, which is stored too. Otherwise (the
+    backward's dq): their plain sum. The parts are read past L1 (``.cg``): under FWD_INLINE_COMBINE other
+    programs of the same launch wrote them."""
+    ts = tl.arange(0, BLOCK_T)
+    t_ok = ts < n_parts
+    base = q_index.to(tl.int64) * n_parts
+    if WEIGHTED:
+        lse_t = tl.load(part_lse_ptr + base + ts, mask=t_ok, other=_NEG, cache_modifier=".cg")
+        m = tl.max(lse_t, axis=0)
+        w = tl.where(t_ok, tl.exp(lse_t - m), 0.0)
+        total = tl.sum(w, axis=0)
+        w = w / total
+        tl.store(lse_ptr + out_row, m + tl.log(total))
+    offs_d = tl.arange(0, BLOCK_DC)
+    for c in range(0, D, BLOCK_DC):
+        d_ok = c + offs_d < D
+        parts = tl.load(part_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        if WEIGHTED:
+            parts = w[:, None] * parts
+        tl.store(out_ptr + out_row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
 def _combine_parts_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, N, T, n_tiles, WEIGHTED: tl.constexpr,
                           D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr):
-    """Row ``pid % T`` of slice ``pid // T`` of ``out`` from its tiles' parts (the prefix queries under
-    FUSE_PREFIX), in tile order. WEIGHTED (the forward, ``_fwd_tile``): the parts are normalised outputs
-    with log-sum-exps ``lse_t``, weighted by ``exp(lse_t - lse)`` with ``lse = log(sum_t exp(lse_t))``,
-    which is stored too. Otherwise (the backward's dq, ``_bwd_dq_tile``): their plain sum."""
+    """Row ``pid % T`` of slice ``pid // T`` of ``out`` from its ``n_tiles`` parts (``_combine_row``): the
+    prefix queries' parts of the fused tiles, of the split prefix programs, of the streaming
+    programs, or of the backward's dq tiles."""
     pid = tl.program_id(0)
     bh = pid // T
-    i = pid - bh * T
-    ts = tl.arange(0, BLOCK_T)
-    t_ok = ts < n_tiles
-    base = pid.to(tl.int64) * n_tiles
-    row = bh.to(tl.int64) * N + i
-    if WEIGHTED:
-        lse_t = tl.load(part_lse_ptr + base + ts, mask=t_ok, other=_NEG)
-        m = tl.max(lse_t, axis=0)
-        w = tl.where(t_ok, tl.exp(lse_t - m), 0.0)
-        total = tl.sum(w, axis=0)
-        w = w / total
-        tl.store(lse_ptr + row, m + tl.log(total))
-    offs_d = tl.arange(0, BLOCK_DC)
-    for c in range(0, D, BLOCK_DC):
-        d_ok = c + offs_d < D
-        parts = tl.load(part_ptr + (base + ts)[:, None] * D + (c + offs_d)[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        if WEIGHTED:
-            parts = w[:, None] * parts
-        tl.store(out_ptr + row * D + c + offs_d, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=d_ok)
+    _combine_row(part_ptr, part_lse_ptr, out_ptr, lse_ptr, pid, bh.to(tl.int64) * N + (pid - bh * T), n_tiles,
+                 WEIGHTED, D, BLOCK_T, BLOCK_DC)
+
+
+@triton.jit
+def _last_part(count_ptr, n_parts):
+    """Whether this program is the last of ``n_parts`` to reach this point for counter ``count_ptr``
+    (zeroed before the launch). The barrier orders every thread's stores before the counter's
+    increment, which is a gpu-scope release and acquire (one thread adds, the others read its ticket
+    through shared memory after a second barrier): the last program then sees the others' stores."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n_parts - 1
+
+
+@triton.jit
+def _combine_slice_inline(part_ptr, part_lse_ptr, out_ptr, lse_ptr, count_ptr, bh, N, T, n_parts,
+                          D: tl.constexpr, BLOCK_PARTS: tl.constexpr, PARTS_DC: tl.constexpr):
+    """FWD_INLINE_COMBINE: the last of a slice's ``n_parts`` programs to finish combines the parts of
+    all of the slice's ``T`` prefix queries (instead of a second launch, ``_combine_parts_kernel``)."""
+    if _last_part(count_ptr + bh, n_parts):
+        for i in range(T):
+            _combine_row(part_ptr, part_lse_ptr, out_ptr, lse_ptr, bh * T + i, bh.to(tl.int64) * N + i, n_parts,
+                         True, D, BLOCK_PARTS, PARTS_DC)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -743,20 +789,22 @@ def _stream_prefix_step(qp, k, v, key_ok, p_ok, m, l, acc, sc, FP64: tl.constexp
 
 
 @triton.jit
-def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, count_ptr,
                                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                                   H, N, T, gh, gw, rad, seg_rows, scale_hi, scale_lo,
                                   ZERO_BORDER: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                                   HAS_PREFIX: tl.constexpr, SEGMENTS: tl.constexpr, RELOAD: tl.constexpr,
-                                  PREFETCH: tl.constexpr,
+                                  PREFETCH: tl.constexpr, INLINE_COMBINE: tl.constexpr,
                                   BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+                                  BLOCK_D: tl.constexpr, STAGES: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                                  PARTS_DC: tl.constexpr):
     """Program ``pid`` walks grid rows ``[y0, y1)`` (``seg_rows`` of them) of slice ``pid // SEGMENTS``.
 
     With SEGMENTS > 1 the slice's rows are split among several programs: each also loads the row above
     its first (the row below its last arrives as its last step's next row), and its prefix queries see
     its own rows' keys only (segment 0: also the prefix keys), so it stores their normalised parts and
-    log-sum-exps (``part_o``, ``part_lse``, ``SEGMENTS`` per query) for ``_combine_parts_kernel``.
+    log-sum-exps (``part_o``, ``part_lse``, ``SEGMENTS`` per query) for ``_combine_parts_kernel``, or
+    (INLINE_COMBINE) for the slice's last program to finish, which combines them.
 
     RELOAD: each step loads rows y - 1, y and y + 1 afresh instead of keeping two of them from the
     steps before (three reads of each key and value, but no loaded value outlives its step, so
@@ -899,6 +947,9 @@ def _local_attn_fwd_stream_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_
             tl.store(part_o_ptr + part_rows[:, None] * D + offs_d[None, :], acc_p / l_p[:, None],
                      mask=t_ok[:, None] & d_ok)
             tl.store(part_lse_ptr + part_rows, m_p + tl.log(l_p), mask=t_ok)
+            if INLINE_COMBINE:
+                _combine_slice_inline(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, count_ptr, bh, N, T, SEGMENTS,
+                                      D, BLOCK_PARTS, PARTS_DC)
 
 @triton.jit
 def _stream_bwd_pair(q, do, lse, delta, k, v, mask, sc, FP64: tl.constexpr, IEEE: tl.constexpr):
@@ -1316,6 +1367,11 @@ FWD_PREFIX_SPLITS = 0
 # The tiled forward loads the values with the queries and keys where the head dim is one chunk
 # (_fwd_tile, EARLY_V); off by default until timed on a GPU (it holds the value tile through the softmax).
 FWD_EARLY_V = False
+# Wherever the forward splits a prefix query among programs (fused tiles, split prefix keys, streaming
+# segments), the last of them to finish combines the parts (_last_part: an atomic counter per slice or
+# query, zeroed before the launch) instead of _combine_parts_kernel in a second launch after every
+# program has finished. Off by default until timed on a GPU.
+FWD_INLINE_COMBINE = False
 # The forward walks the grid rows of each slice in _STREAM_SEGMENTS programs (_local_attn_fwd_stream_kernel)
 # where it can: windows of 1 or 3, head dims up to _STREAM_MAX_D, grids up to _STREAM_MAX_WIDTH wide, at
 # most _STREAM_MAX_PREFIX prefix tokens, and at least _STREAM_MIN_PROGRAMS programs (slices x segments)
@@ -1445,6 +1501,11 @@ TUNE_SETTINGS = (
     {"fwd_stream": True, "stream_reload": True, "stream_num_warps": 8},
     {"fwd_stream": True, "stream_prefetch": False},
     {"fwd_stream": True, "stream_prefetch": False, "stream_segments": 1},
+    # the parts combined by the last program of each group instead of a second launch
+    {"fwd_prefix_splits": 8, "fwd_inline_combine": True},
+    {"fwd_fused_prefix": True, "fwd_inline_combine": True},
+    {"fwd_fused_prefix": True, "fwd_early_v": True, "fwd_num_warps": 4, "fwd_inline_combine": True},
+    {"fwd_stream": True, "fwd_inline_combine": True},
 )
 
 
@@ -1466,6 +1527,8 @@ def settings_label(settings: dict) -> str:
         parts.append("fwd+dq" if parts == ["fused"] else "dq fused")
     if settings.get("bwd_stream"):
         parts.append("bwd stream")
+    if settings.get("fwd_inline_combine"):
+        parts.append("inline")
     return " ".join(parts)
 
 
@@ -1557,6 +1620,25 @@ def _stream_segments(requested: int, grid_h: int) -> tuple[int, int]:
     return triton.cdiv(grid_h, seg_rows), seg_rows
 
 
+def _parts_buffers(n_queries: int, n_parts: int, D: int, block_d: int, acc_dtype: torch.dtype, inline: bool,
+                   n_counters: int, device) -> tuple:
+    """The prefix queries' parts of a forward split among programs: ``(part_o, part_lse, counters,
+    meta)``, with ``counters`` (zeroed; FWD_INLINE_COMBINE) or None, and ``meta`` the combine's block
+    sizes (BLOCK_PARTS, PARTS_DC)."""
+    part_o = torch.empty((n_queries * n_parts, D), dtype=acc_dtype, device=device)
+    part_lse = torch.empty((n_queries * n_parts,), dtype=acc_dtype, device=device)
+    counters = torch.zeros((n_counters,), dtype=torch.int32, device=device) if inline else None
+    block_t = triton.next_power_of_2(n_parts)
+    return part_o, part_lse, counters, dict(BLOCK_PARTS=block_t, PARTS_DC=min(block_d, max(16, 4096 // block_t)))
+
+
+def _combine_parts(part_o, part_lse, out, lse, N, num_prefix, n_parts, meta):
+    """The forward's second launch: each prefix query's output and log-sum-exp from its parts."""
+    B, H = out.shape[:2]
+    _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix, n_parts,
+            WEIGHTED=True, D=out.shape[-1], BLOCK_T=meta["BLOCK_PARTS"], BLOCK_DC=meta["PARTS_DC"], num_warps=2)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -1604,30 +1686,29 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
     n_prefix_programs = B * H * num_prefix
     cfg = _fwd_config(D, q.dtype)
     tuned = tuning.attention_settings(q.device, q.dtype, D)
+    inline = bool(tuned.get("fwd_inline_combine", FWD_INLINE_COMBINE))
     if stream_applies(tuned, B * H, grid_h, grid_w, window, num_prefix, D):
         segments, seg_rows = _stream_segments(tuned.get("stream_segments") or _STREAM_SEGMENTS, grid_h)
         split = num_prefix > 0 and segments > 1
+        part_o = part_lse = counters = lse  # (not used without a split)
+        meta = dict(BLOCK_PARTS=1, PARTS_DC=16)
         if split:
-            part_o = torch.empty((B * H * num_prefix * segments, D), dtype=lse.dtype, device=q.device)
-            part_lse = torch.empty((B * H * num_prefix * segments,), dtype=lse.dtype, device=q.device)
-        else:
-            part_o = part_lse = lse  # (not used)
+            part_o, part_lse, counters, meta = _parts_buffers(B * H * num_prefix, segments, D, cfg.block_d, lse.dtype,
+                                                              inline, B * H, q.device)
         _launch(
             _local_attn_fwd_stream_kernel, (B * H * segments,), q, k, v, out, lse, part_o, part_lse,
+            lse if counters is None else counters,
             *_strides(q, k, v), H, N, num_prefix, grid_h, grid_w, rad, seg_rows, *split_float(scale),
             ZERO_BORDER=bool(zero_border), FP64=q.dtype == torch.float64, IEEE=q.dtype == torch.float32,
             HAS_PREFIX=num_prefix > 0, SEGMENTS=segments, RELOAD=bool(tuned.get("stream_reload", STREAM_RELOAD)),
-            PREFETCH=bool(tuned.get("stream_prefetch", STREAM_PREFETCH)),
+            PREFETCH=bool(tuned.get("stream_prefetch", STREAM_PREFETCH)), INLINE_COMBINE=split and inline,
             BLOCK_T=max(16, triton.next_power_of_2(num_prefix)),
             BLOCK_W=max(16, triton.next_power_of_2(grid_w)), D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
             STAGES=tuned.get("stream_stages") or _STREAM_STAGES,
-            num_warps=tuned.get("stream_num_warps") or _stream_num_warps(q.dtype, grid_w, D),
+            num_warps=tuned.get("stream_num_warps") or _stream_num_warps(q.dtype, grid_w, D), **meta,
         )
-        if split:
-            block_t = triton.next_power_of_2(segments)
-            _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
-                    segments, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)),
-                    num_warps=2)
+        if split and not inline:
+            _combine_parts(part_o, part_lse, out, lse, N, num_prefix, segments, meta)
         return out, lse
     plan = None
     if tuned.get("fwd_fused_prefix", FWD_FUSED_PREFIX) and 1 <= num_prefix <= _FUSED_PREFIX_MAX:
@@ -1649,24 +1730,25 @@ def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_h: in
             splits, split_len = _prefix_splits(tuned.get("fwd_prefix_splits", FWD_PREFIX_SPLITS), N, cfg.block_n)
             parts = splits
             n_prefix_programs *= splits
-        if fused or splits > 1:
-            part_o = torch.empty((B * H * num_prefix * parts, D), dtype=lse.dtype, device=q.device)
-            part_lse = torch.empty((B * H * num_prefix * parts,), dtype=lse.dtype, device=q.device)
-        else:
-            part_o = part_lse = lse  # (not used)
+        split = fused or splits > 1
+        part_o = part_lse = counters = lse  # (not used without a split)
+        meta = dict(BLOCK_PARTS=1, PARTS_DC=16)
+        if split:
+            # (counters: one per slice for the fused tiles, which combine all of a slice's prefix queries
+            # at once; one per prefix query for the split prefix programs)
+            part_o, part_lse, counters, meta = _parts_buffers(B * H * num_prefix, parts, D, cfg.block_d, lse.dtype,
+                                                              inline, B * H * (1 if fused else num_prefix), q.device)
         _launch(
             _local_attn_fwd_tiled_kernel, (n_prefix_programs + B * H * tiles,), *args, part_o, part_lse,
-            *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
+            lse if counters is None else counters, *strides, plan.rows, plan.cols, plan.x_tiles, plan.halo_x, plan.halo_cols, n_prefix_programs,
             split_len, *split_float(scale), **common, IEEE=q.dtype == torch.float32, FUSE_PREFIX=fused,
             EARLY_V=tuned.get("fwd_early_v", FWD_EARLY_V) and D <= plan.block_dc, PREFIX_SPLITS=splits,
+            INLINE_COMBINE=split and inline,
             BLOCK_Q=plan.block, BLOCK_K=plan.block_halo, BLOCK_DC=plan.block_dc, STAGES=plan.stages,
-            PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps,
+            PREFIX_STAGES=_PREFIX_STAGES, num_warps=plan.fwd_num_warps, **meta,
         )
-        if fused or splits > 1:
-            block_t = triton.next_power_of_2(parts)
-            _launch(_combine_parts_kernel, (B * H * num_prefix,), part_o, part_lse, out, lse, N, num_prefix,
-                    parts, WEIGHTED=True, D=D, BLOCK_T=block_t, BLOCK_DC=min(cfg.block_d, max(16, 4096 // block_t)),
-                    num_warps=2)
+        if split and not inline:
+            _combine_parts(part_o, part_lse, out, lse, N, num_prefix, parts, meta)
     else:
         args = (*args, *strides)
         bhg = B * H * grid_h * grid_w

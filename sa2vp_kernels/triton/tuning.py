@@ -26,8 +26,8 @@ An op uses the settings of the first entry whose bounds hold for its call (``min
 ``prompt_add``); other keys of an entry (e.g. ``measured``) are notes. The settings (any subset):
 
 * local attention: ``fwd_fused_prefix``, ``fwd_early_v``, ``bwd_fused_prefix``, ``fwd_prefix_splits``,
-  ``fwd_stream``, ``bwd_stream`` (the module switches of the same names in capitals; ``fwd_prefix_splits`` an int, the
-  number of programs that share each prefix query's keys); ``rows``, ``fwd_num_warps``, ``stages`` (the
+  ``fwd_stream``, ``bwd_stream``, ``fwd_inline_combine`` (the module switches of the same names in
+  capitals; ``fwd_prefix_splits`` an int, the number of programs that share each prefix query's keys); ``rows``, ``fwd_num_warps``, ``stages`` (the
   forward's tile plan, as ``local_attn.tuned_tile_plan``; the default plan where a tile of ``rows`` rows
   does not fit); ``stream_num_warps``, ``stream_stages``, ``stream_segments``, ``stream_reload``,
   ``stream_prefetch`` (the row-streaming forward's warps, pipelining depth, programs per slice, and how
@@ -58,7 +58,8 @@ FORMAT = 1
 ATTENTION_SETTINGS = {"fwd_fused_prefix": bool, "fwd_early_v": bool, "bwd_fused_prefix": bool, "rows": int,
                       "fwd_num_warps": int, "stages": int, "fwd_prefix_splits": int, "fwd_stream": bool,
                       "stream_num_warps": int, "stream_stages": int, "stream_segments": int,
-                      "stream_reload": bool, "stream_prefetch": bool, "bwd_stream": bool}
+                      "stream_reload": bool, "stream_prefetch": bool, "bwd_stream": bool,
+                      "fwd_inline_combine": bool}
 PROMPT_ADD_SETTINGS = {"fwd_one_pass": bool, "bwd_from_z": bool, "bwd_finalize_kernel": bool, "block_m": int,
                        "num_warps": int, "block_c": int}
 _OPS = {"local_attention": (ATTENTION_SETTINGS, ("min_head_dim", "max_head_dim")),
