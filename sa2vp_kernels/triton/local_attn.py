@@ -22,6 +22,9 @@ Three launches in all (one forward, two backward), each a single grid of program
   slices): a program walks a run of grid rows of one (batch, head) slice, keeping three rows of keys
   and values in registers, with the slice's prefix queries in the same program (their parts over the
   runs of a slice combined afterwards); every input is read once, plus one row above each run.
+* Where the forward splits prefix queries among programs (the fused tiles, ``FWD_PREFIX_SPLITS``, the
+  streaming runs), a second small launch combines the parts; with ``FWD_INLINE_COMBINE`` (off by
+  default) the last program of each group to finish does it instead (an atomic counter per group).
 
 Backward, no atomics: launch 1 is query-centric (``delta = rowsum(dO * O)`` and ``dq``), launch 2
 key-centric (``dk``, ``dv``): a grid key gathers from the grid queries around it plus every prefix
