@@ -52,7 +52,7 @@ def test_inductor_forward_and_backward_match_eager():
 @pytest.mark.parametrize("dtype,variants", [(torch.float32, ""), (torch.float64, ""),
                                             (torch.float32, "chunked-rows-fused-prefix"),
                                             (torch.float64, "chunked-rows-fused-prefix"), (torch.float64, "stream"),
-                                            (torch.bfloat16, "stream")],
+                                            (torch.bfloat16, "stream"), (torch.float64, "stream-inline")],
                          ids=str)
 def test_inductor_with_the_triton_kernels_matches_eager(dtype, variants, monkeypatch):
     """Inductor compiles user Triton kernels itself (from their source, with its own argument
@@ -60,14 +60,16 @@ def test_inductor_with_the_triton_kernels_matches_eager(dtype, variants, monkeyp
     Also with prompt_add's rows chunked (16 channels: its one-pass forward and backward from z) and
     the attention's prefix queries fused into the grid tiles (two kernels and two workspaces), and with
     the attention's row-streaming forward and backward (two segments per slice: their kernels and the
-    combines; the streaming backward takes 16-bit inputs only, hence bfloat16 too)."""
+    combines; the streaming backward takes 16-bit inputs only, hence bfloat16 too), also with the
+    forward's parts combined in the same launch (an atomic counter in a zeroed workspace)."""
     from sa2vp_kernels.triton import local_attn as tla
     from sa2vp_kernels.triton import prompt_add as tpa
     if variants == "chunked-rows-fused-prefix":
         monkeypatch.setattr(tla, "FWD_FUSED_PREFIX", True)
         monkeypatch.setattr(tpa, "_WIDE_SHARED", 0)
         monkeypatch.setattr(tpa, "_CHUNK_SHARED", 16 * 16 * 2)
-    elif variants == "stream":
+    elif variants.startswith("stream"):
+        monkeypatch.setattr(tla, "FWD_INLINE_COMBINE", variants == "stream-inline")
         monkeypatch.setattr(tla, "FWD_STREAM", True)
         monkeypatch.setattr(tla, "BWD_STREAM", True)
         monkeypatch.setattr(tla, "_STREAM_MIN_PROGRAMS", 1)
