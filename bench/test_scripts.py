@@ -246,7 +246,9 @@ def test_variants_summary_ranks_and_checks_targets():
     rec = [{"section": "prompt_add", "case": case, "pass": "fwd", "variant": v, "provider": p, "ms": ms,
             "bw_frac": f} for v, p, ms, f in (("triton", "triton", 0.04, 0.35), ("triton m32", "triton", 0.02, 0.7),
                                                 ("unfused", "unfused", 0.09, 0.15))]
+    rec[1]["kernels"] = [["_fwd_wide_kernel", 1, 0.018], ["_combine_parts_kernel", 2, 0.001]]
     lines = variants_summary.summarize(rec)
+    assert lines.pop(2) == "      kernels (eager, ms per call): fwd_wide 0.0180, combine_parts 0.0010 x2"
     assert lines[0] == f"prompt_add {case} fwd"
     assert [ln.split()[0:2] for ln in lines[1:]] == [["triton", "m32"], ["triton", "0.0400"], ["unfused", "0.0900"]]
     assert "2.00x default" in lines[1] and "MEETS 60 %" in lines[1] and "4.50x unfused (MEETS 2.5x)" in lines[1]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Summary of bench/gpu_variants.py results: per case and pass, every variant's time against the default
-and against the targets of the issues, fastest first.
+and against the targets of the issues, fastest first, with the device time of each kernel of the profiled
+variants.
 
     python3 bench/variants_summary.py FILE.json [FILE.json ...]
 
@@ -49,7 +50,18 @@ def summarize(records: list[dict]) -> list[str]:
                            if k.startswith("rel_err_"))
             lines.append(f"  {r['variant']:<28} {r['ms']:.4f} ms {100 * r['bw_frac']:5.1f}% {vs_default}  "
                          f"{', '.join(notes)}{errs}")
+            if r.get("kernels"):
+                lines.append("      kernels (eager, ms per call): " + ", ".join(
+                    f"{_short(name)} {ms:.4f}" + (f" x{calls}" if calls != 1 else "") for name, calls, ms in r["kernels"]))
     return lines
+
+
+def _short(kernel: str) -> str:
+    """A kernel's name without the package's prefixes: ``_local_attn_fwd_tiled_kernel`` -> ``fwd_tiled``."""
+    for prefix in ("_local_attn_", "_"):
+        if kernel.startswith(prefix):
+            kernel = kernel[len(prefix):]
+    return kernel.removesuffix("_kernel")[:40]
 
 
 def main(argv=None) -> int:
