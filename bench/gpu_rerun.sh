@@ -5,7 +5,8 @@
 # 2. the extension is built in place (skipped with SA2VP_SKIP_BUILD=1);
 # 3. the other node ids run.
 # Each test runs under a 45 s limit; each failure's report goes to $OUT/failures.log as it happens, so a
-# run cut short keeps them. Logs go to $OUT (default bench/results/gpu-rerun-<time>).
+# run cut short keeps them. Logs go to $OUT (default bench/results/gpu-rerun-<time>). With pytest-xdist
+# installed the tests run in SA2VP_TEST_WORKERS processes (default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,7 +21,7 @@ for id in "${ids[@]}"; do
 done
 opts=(-p no:cacheprovider -rfE --tb=short -v -o faulthandler_timeout=60)
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=45)
-"$PY" -c "import xdist" 2>/dev/null && opts+=(-n 8)
+"$PY" -c "import xdist" 2>/dev/null && opts+=(-n "${SA2VP_TEST_WORKERS:-8}")
 summary=()
 if (( ${#triton_ids[@]} )); then
   timeout "${SA2VP_TESTS_TIMEOUT:-150}" "$PY" -m pytest "${triton_ids[@]}" "${opts[@]}" >"$OUT/pytest-triton.log" 2>&1

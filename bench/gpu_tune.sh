@@ -30,7 +30,8 @@
 # SA2VP_SKIP_BUILD=1, TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16), SA2VP_TUNE_TESTS /
 # SA2VP_TUNE_TESTS_EXT (pytest node ids or -k expressions replacing the defaults below),
 # SA2VP_VARIANTS_ARGS (extra arguments of bench/gpu_variants.py, e.g. --tiny for a dry run without a
-# GPU), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g. --tiny).
+# GPU), SA2VP_BENCH_ARGS (extra arguments of bench/run_gpu.py, e.g. --tiny), SA2VP_TEST_WORKERS
+# (pytest-xdist workers when it is installed, default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -47,7 +48,7 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 pytest_opts=(-m gpu -p no:cacheprovider -rfE --tb=short -v -o faulthandler_timeout=60)
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout=60)
-"$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n 8)
+"$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${SA2VP_TEST_WORKERS:-8}")
 run_tests() {  # name, timeout, then pytest arguments
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$PY" -m pytest "$@" "${pytest_opts[@]}" >"$OUT/pytest-$name.log" 2>&1

@@ -133,12 +133,14 @@ def test_gpu_rerun_script_runs_a_list_of_tests(tmp_path):
     ids.write_text("tests/test_prompt_map.py::test_gpu_backward_is_deterministic[triton]\n"
                    f"{failing}::test_fails_on_purpose\n\n")
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1")
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TEST_WORKERS="2")
     proc = subprocess.run(["bash", str(root / "bench" / "gpu_rerun.sh"), str(ids)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "pytest-triton.log").exists() and (out / "pytest-other.log").exists()
-    assert "planted failure" in (out / "failures.log").read_text()
+    log = (out / "failures.log").read_text()
+    assert "planted failure" in log
+    assert log.count("test_fails_on_purpose (call)") == 1, log  # the xdist controller writes, no worker
     assert "other tests (rc 1): 0 passed, 1 failed" in proc.stdout, proc.stdout
 
 
