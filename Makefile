@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.sa2vp-installed
-# pytest-xdist workers for `make test` (0: one process)
+# pytest-xdist workers for `make test`'s tests/ (0: one process; the script tests and the sanitizer
+# runs gained nothing from two workers on two cores)
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
@@ -23,19 +24,19 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q $(XDIST) tests
-	$(PY) -m pytest -q $(XDIST) -p no:cacheprovider bench/test_scripts.py
+	$(PY) -m pytest -q -p no:cacheprovider bench/test_scripts.py
 	$(MAKE) --no-print-directory test-cuda-sanitizers
 
 # The CUDA kernels under the CPU emulator again, built with AddressSanitizer (any access outside a
 # tensor's memory stops the run) and with ThreadSanitizer (threads of a block that touch the same memory,
 # one writing, with no barrier between; one OpenMP thread: libgomp is not instrumented). -s: pytest would
-# swallow the reports (under pytest-xdist a report stops its worker, which fails the run). Needs gcc's libasan and libtsan.
+# swallow the reports. Needs gcc's libasan and libtsan.
 SAN_LIB = $(shell gcc -print-file-name=lib$(1).so) $(shell gcc -print-file-name=libstdc++.so)
 test-cuda-sanitizers: install
 	SA2VP_CUDA_EMU_SANITIZER=address ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(call SAN_LIB,asan)" \
-	  $(PY) -m pytest -q -s $(XDIST) tests/test_cuda_emulated.py -k "not gradcheck"
+	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck"
 	SA2VP_CUDA_EMU_SANITIZER=thread TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" OMP_NUM_THREADS=1 LD_PRELOAD="$(call SAN_LIB,tsan)" \
-	  $(PY) -m pytest -q -s $(XDIST) tests/test_cuda_emulated.py -k "not gradcheck and not selftest_race"
+	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck and not selftest_race"
 
 demo: install
 	$(PY) -m sa2vp train
