@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-cuda-sanitizers demo demo-kernels bench gpu-check gpu-tune clean
+.PHONY: install test test-cuda-sanitizers test-asan test-tsan demo demo-kernels bench gpu-check gpu-tune clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,20 @@ test: install
 
 # The CUDA kernels under the CPU emulator again, built with AddressSanitizer (any access outside a
 # tensor's memory stops the run) and with ThreadSanitizer (threads of a block that touch the same memory,
-# one writing, with no barrier between; one OpenMP thread: libgomp is not instrumented). -s: pytest would
-# swallow the reports. Needs gcc's libasan and libtsan.
+# one writing, with no barrier between). The two runs go side by side, one OpenMP thread each (libgomp is
+# not instrumented; the emulated threads of a block are threads of their own either way), each one's
+# output printed when it ends. -s: pytest would swallow the reports. Needs gcc's libasan and libtsan.
 SAN_LIB = $(shell gcc -print-file-name=lib$(1).so) $(shell gcc -print-file-name=libstdc++.so)
 test-cuda-sanitizers: install
-	SA2VP_CUDA_EMU_SANITIZER=address ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(call SAN_LIB,asan)" \
-	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck"
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-asan test-tsan
+
+test-asan: install
+	SA2VP_CUDA_EMU_SANITIZER=address ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=1 LD_PRELOAD="$(call SAN_LIB,asan)" \
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/test_cuda_emulated.py -k "not gradcheck"
+
+test-tsan: install
 	SA2VP_CUDA_EMU_SANITIZER=thread TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" OMP_NUM_THREADS=1 LD_PRELOAD="$(call SAN_LIB,tsan)" \
-	  $(PY) -m pytest -q -s tests/test_cuda_emulated.py -k "not gradcheck and not selftest_race"
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/test_cuda_emulated.py -k "not gradcheck and not selftest_race"
 
 demo: install
 	$(PY) -m sa2vp train
