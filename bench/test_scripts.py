@@ -375,7 +375,7 @@ def test_gpu_tune_script_dry_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out, tuned = tmp_path / "out", tmp_path / "tuned" / "cpu.json"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1",
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TEST_WORKERS="0",
                SA2VP_VARIANTS_ARGS="--tiny --quick", SA2VP_BENCH_ARGS="--tiny", SA2VP_TUNE_CUDA_MIN="100000",
                SA2VP_APPLY_ARGS=f"--out {tuned} --margin 0")
     proc = subprocess.run(["bash", str(root / "bench" / "gpu_tune.sh")], cwd=root, env=env, capture_output=True,
@@ -416,7 +416,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     before = set((root / "bench" / "results").iterdir())
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_NO_COPY="1",
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TEST_WORKERS="0", SA2VP_NO_COPY="1",
                SA2VP_GPU_BUDGET="300", SA2VP_GPU_TESTS="tests/test_triton_tuning.py",
                SA2VP_BENCH_ARGS="--tiny --sections bandwidth,attention,prompt_add --providers triton,reference,unfused")
     proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
@@ -501,7 +501,7 @@ def test_gpu_tune_script_cuda_steps_alone(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TUNE_STEPS="cuda",
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SA2VP_SKIP_BUILD="1", SA2VP_TEST_WORKERS="0", SA2VP_TUNE_STEPS="cuda",
                SA2VP_VARIANTS_ARGS="--tiny --quick", SA2VP_TUNE_TESTS_EXT="tests/test_cuda_variants_gpu.py")
     proc = subprocess.run(["bash", str(root / "bench" / "gpu_tune.sh")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=900)
