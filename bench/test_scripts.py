@@ -184,6 +184,21 @@ def test_triton_host_script(tmp_path):
     assert all(r["eager_us"] > 0 and r["eager_hop_us"] > 0 and r["registered_us"] > 0 for r in rows)
 
 
+def test_e2e_cpu_script_both_precisions(tmp_path):
+    """bench/e2e_cpu.py times the fused and reference models in fp32 and under CPU bf16 autocast."""
+    import e2e_cpu
+
+    assert e2e_cpu.main(["--models", "vit_tiny_patch16_224", "--batch", "1", "--steps", "1", "--amp", "fp32,bf16",
+                         "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-e2e-*.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [r["amp"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["cpu_s"] > 0 and r["reference_s"] > 0 and r["speedup"] > 0 for r in rows)
+    assert rows[1]["speedup_vs_fp32"] == pytest.approx(rows[0]["cpu_s"] / rows[1]["cpu_s"])
+    with pytest.raises(SystemExit):
+        e2e_cpu.main(["--amp", "fp16", "--out", str(tmp_path)])
+
+
 def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
     """Every variant of bench/gpu_variants.py names module attributes that exist and launch settings a
     tuned file accepts, which apply at the benchmark shape, and leaves the defaults in place

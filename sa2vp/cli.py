@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser", "resolve_run"]
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 TRAIN_DEFAULTS = dict(epochs=100, warmup_epochs=10, lr=1e-3, min_lr=1e-7, weight_decay=1e-4, batch_size=64,
-                      accum_steps=1, amp="bf16", seed=42, clip_grad=None, eval_every=5, save_every=10,
+                      accum_steps=1, amp="auto", seed=42, clip_grad=None, eval_every=5, save_every=10,
                       log_every=10, eval_batch_size=None)
 MODEL_DEFAULTS = dict(backbone=DEFAULT_BACKBONE, img_size=224, variant="paper", backbone_dropout=0.1)
 # SA2VPConfig fields settable from the command line (None: the variant's default).
@@ -228,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, help="images per optimizer step over all processes "
                                                             "(default 64)")
     g.add_argument("--accum-steps", type=_positive_int, help="gradient accumulation micro-steps (default 1)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "fp32"),
-                   help="precision on GPU (default bf16; fp16 uses a GradScaler); CPU runs in fp32")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="precision: auto (default: bf16 on a GPU, fp32 on the CPU), bf16 autocast (on the CPU "
+                        "too: faster where it has bfloat16 matrix units such as AMX), fp16 (GPU only, with a "
+                        "GradScaler) or fp32")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
     g.add_argument("--seed", type=int, help="seed of python, numpy and torch (default 42)")
     g.add_argument("--eval-every", type=_positive_int, help="evaluate every K epochs and at the end (default 5)")
@@ -251,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pretrained", metavar="PATH", help="backbone weights (default: the run's)")
     e.add_argument("--img-size", type=_positive_int, help="input size (default: the checkpoint's)")
     e.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch per process (default 128)")
-    e.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16", help="precision on GPU (default bf16)")
+    e.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="precision: auto (default: bf16 on a GPU, fp32 on the CPU), bf16, fp16 (GPU only) or fp32")
     e.add_argument("--backend", choices=("auto", "triton", "cuda", "cpu", "reference"),
                    help="kernel backend (default: the checkpoint's)")
     e.add_argument("--json", metavar="FILE", help="also write the result as JSON")

@@ -9,7 +9,8 @@ The run is described by a plain dict (``run``) with three sections, stored in ev
   accumulation, precision, seed, evaluation and checkpoint intervals.
 
 Recipe: AdamW (no weight decay on biases and 1-D parameters), per-step linear warmup then cosine decay
-to ``min_lr``, bf16 autocast on GPU by default (fp16 with a GradScaler on request, fp32 on CPU).
+to ``min_lr``, bf16 autocast on GPU by default (fp16 with a GradScaler on request; fp32 on CPU unless bf16
+is asked for).
 ``batch_size`` is the number of images per optimizer step over all processes:
 ``batch_size = world_size * accum_steps * per-process micro-batch``.
 
@@ -418,10 +419,26 @@ def load_trainable(model, state_dict: dict, source: str) -> None:
 # Evaluation
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision a run uses on ``device``: ``auto`` is bf16 on a GPU and fp32 on the CPU; bf16 autocast
+    also runs on the CPU (worth it where the CPU has bfloat16 matrix units, e.g. AMX); fp16 needs a GPU."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type != "cuda" and amp != "fp32" and not (device.type == "cpu" and amp == "bf16"):
+        raise ValueError(f"--amp {amp} needs a CUDA GPU (this run is on {device}); use bf16 or fp32 on the CPU")
+    return amp
+
+
 def _autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "fp32":
+    amp = resolve_amp(amp, device)
+    if amp == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _unwrap(model):
@@ -842,8 +859,7 @@ def run_train(run: dict, output: str | None, resume_state: dict | None = None, r
         if run["data"]["family"] is None:
             run["data"]["family"] = "vtab" if splits.format == "vtab" else "fgvc"
         train_set, eval_set = _datasets(run, splits)
-        if info.device.type != "cuda":
-            run["train"]["amp"] = "fp32"
+        run["train"]["amp"] = resolve_amp(run["train"]["amp"], info.device)
         seed_everything(int(run["train"]["seed"]))
         model = build_model(run["model"]).to(info.device)
         run["model"]["sa2vp"] = model.config.to_dict()
@@ -881,8 +897,7 @@ def run_eval(model, eval_set, batch_size: int, num_workers: int, amp: str, devic
     """Evaluate ``model`` on ``eval_set`` (sharded over the processes of a torchrun job)."""
     info = init_distributed(device)
     try:
-        if info.device.type != "cuda":
-            amp = "fp32"
+        amp = resolve_amp(amp, info.device)
         model = model.to(info.device)
         loader = DataLoader(shard(eval_set, info), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=info.device.type == "cuda")

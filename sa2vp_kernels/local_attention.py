@@ -147,12 +147,17 @@ def local_cross_attention(q, k, v, grid, *, window=3, num_prefix=1, border="clip
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
-        ``(B, heads, N, head_dim)`` tensor, dtype of ``q``.
+        ``(B, heads, N, head_dim)`` tensor, dtype of ``q``. Under ``torch.autocast`` the op computes in
+        the widest dtype of ``q, k, v`` (at least float32 on the CPU) and returns that dtype.
     """
+    autocast = _checks.autocast_device(q)
+    if autocast is not None:
+        q, k, v = _checks.autocast_inputs(autocast, q, k, v)
     gh, gw, scale = _check_args(q, k, v, grid, window, num_prefix, border, scale)
     backend = _resolve_backend(backend, q.device)
     if backend == "reference":
-        return _ref.local_cross_attention_vectorized(q, k, v, (gh, gw), window, num_prefix, border, scale)
+        with _checks.autocast_off(autocast):
+            return _ref.local_cross_attention_vectorized(q, k, v, (gh, gw), window, num_prefix, border, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = (gh, gw, window, num_prefix, border == "zero", scale)
     if backend == "triton":

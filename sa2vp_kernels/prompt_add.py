@@ -224,8 +224,14 @@ def prompt_add(target, message, scale, norm_weight, norm_bias, down_weight, down
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
-        ``(B, N, C)`` tensor, dtype of ``target``.
+        ``(B, N, C)`` tensor, dtype of ``target``. Under ``torch.autocast`` the op computes in the widest
+        dtype of the tensor arguments (at least float32 on the CPU) and returns that dtype.
     """
+    autocast = _checks.autocast_device(message)
+    if autocast is not None:
+        (target, message, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, deep,
+         deep_scale) = _checks.autocast_inputs(autocast, target, message, norm_weight, norm_bias, down_weight,
+                                               down_bias, up_weight, up_bias, deep, deep_scale)
     scale, dropout_p, eps = _check_args(target, message, scale, norm_weight, norm_bias, down_weight, down_bias,
                                         up_weight, up_bias, deep, deep_scale, dropout_p, eps, seed)
     backend = _resolve_backend(backend, message.device)
@@ -234,8 +240,9 @@ def prompt_add(target, message, scale, norm_weight, norm_bias, down_weight, down
     elif seed is None:
         seed = draw_seed()
     if backend == "reference":
-        return _ref.prompt_add_reference(target, message, scale, norm_weight, norm_bias, down_weight, down_bias,
-                                         up_weight, up_bias, deep, deep_scale, dropout_p, eps, seed)
+        with _checks.autocast_off(autocast):
+            return _ref.prompt_add_reference(target, message, scale, norm_weight, norm_bias, down_weight,
+                                             down_bias, up_weight, up_bias, deep, deep_scale, dropout_p, eps, seed)
     target, message, deep = (_last_dim_contiguous(t) for t in (target, message, deep))
     args = (target, message, norm_weight.contiguous(), norm_bias.contiguous(), down_weight.contiguous(),
             down_bias.contiguous(), up_weight.contiguous(), up_bias.contiguous(), deep,

@@ -158,13 +158,18 @@ def prompt_map(embed, weight, bias, pos_embed, grid, *, num_prefix=1, embed_grid
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
-        ``(1, num_prefix + H*W, C)`` tensor, dtype of ``embed``.
+        ``(1, num_prefix + H*W, C)`` tensor, dtype of ``embed``. Under ``torch.autocast`` the op computes in
+        the widest dtype of the tensor arguments (at least float32 on the CPU) and returns that dtype.
     """
+    autocast = _checks.autocast_device(embed)
+    if autocast is not None:
+        embed, weight, bias, pos_embed = _checks.autocast_inputs(autocast, embed, weight, bias, pos_embed)
     gh, gw, eh, ew, num_prefix = _check_args(embed, weight, bias, pos_embed, grid, embed_grid, num_prefix)
     backend = _resolve_backend(backend, embed.device)
     if backend == "reference":
-        return _ref.prompt_map_reference(embed, weight, bias, pos_embed, (gh, gw), num_prefix=num_prefix,
-                                         embed_grid=(eh, ew))
+        with _checks.autocast_off(autocast):
+            return _ref.prompt_map_reference(embed, weight, bias, pos_embed, (gh, gw), num_prefix=num_prefix,
+                                             embed_grid=(eh, ew))
     embed, weight = embed.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     pos_embed = None if pos_embed is None else pos_embed.contiguous()

@@ -280,6 +280,48 @@ def test_nan_loss_stops_without_saving_the_epoch(tmp_path, capsys, monkeypatch, 
     assert '"event": "stopped"' in last and "NonFiniteLossError" in last
 
 
+def test_resolve_amp():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert T.resolve_amp("auto", cpu) == "fp32" and T.resolve_amp("auto", cuda) == "bf16"
+    assert T.resolve_amp("bf16", cpu) == "bf16" and T.resolve_amp("fp32", cpu) == "fp32"
+    assert T.resolve_amp("fp16", cuda) == "fp16"
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA GPU"):
+        T.resolve_amp("fp16", cpu)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        T.resolve_amp("fp8", cuda)
+
+
+def test_bf16_autocast_on_cpu(tmp_path, capsys, one_thread):
+    """--amp bf16 trains and evaluates under CPU autocast (through the fused CPU kernels when built: their
+    16-bit inputs run the float32 kernels); the default stays fp32 on the CPU; fp16 is refused."""
+    import sa2vp_kernels
+
+    data = make_fgvc(str(tmp_path / "data"), n_train=2, n_val=1)
+    backend = "cpu" if sa2vp_kernels.extension_available() else "reference"
+    common = ["--epochs", "1", "--batch-size", "3", "--eval-every", "1", "--seed", "3"]
+    runs = {}
+    for amp in (None, "bf16"):
+        out = str(tmp_path / f"run-{amp}")
+        argv = _train_args(data, out, *common, *(["--amp", amp] if amp else []))
+        argv[argv.index("reference")] = backend
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert f"precision {amp or 'fp32'}" in capsys.readouterr().out
+        runs[amp] = T.load_state(os.path.join(out, "last.pt"))
+        assert runs[amp]["run"]["train"]["amp"] == (amp or "fp32")
+    weights32, weights16 = runs[None]["model"], runs["bf16"]["model"]
+    assert all(torch.isfinite(v).all() for v in weights16.values())
+    # the same run in bfloat16 matmuls: close to the float32 one, but not the same numbers
+    assert any(not torch.equal(weights16[k], weights32[k]) for k in weights32)
+    for k in weights32:
+        torch.testing.assert_close(weights16[k], weights32[k], atol=0.05, rtol=0.05, msg=k)
+    assert cli.main(["eval", str(tmp_path / "run-bf16" / "last.pt"), "--amp", "bf16", "--num-workers", "0",
+                     "--no-progress"]) == 0
+    assert "val accuracy" in capsys.readouterr().out
+
+    code = cli.main(_train_args(data, str(tmp_path / "run-fp16"), *common, "--amp", "fp16"))
+    assert code == 1 and "--amp fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_train_and_eval_on_gpu(tmp_path, capsys, amp):
