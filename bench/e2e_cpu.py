@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,18 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402  (bench/, the script's own folder)
 import sa2vp  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(name: str, backend: str, num_classes: int = 100):
@@ -94,7 +83,7 @@ def main(argv=None) -> int:
         if len(rows) == 2:
             rows["bf16"]["speedup_vs_fp32"] = rows["fp32"]["cpu_s"] / rows["bf16"]["cpu_s"]
             print(f"{name:<32} fused, bf16 autocast vs fp32: {rows['bf16']['speedup_vs_fp32']:.2f}x", flush=True)
-    meta = {"device": _cpu_name(), "cores": os.cpu_count(),
+    meta = {"device": common.device_name("cpu"), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
     out = Path(args.out) / f"cpu-e2e-{meta['date']}.json"
