@@ -27,6 +27,20 @@ def _cuda_wanted():
     return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
+def _openmp_flags():
+    """``-fopenmp`` when torch runs its CPU threads on OpenMP (the Linux wheels).
+
+    ``at::parallel_for`` is a header template: compiled without ``-fopenmp`` it runs its loop serially on
+    the calling thread, whatever ``torch.set_num_threads`` says. With it, the kernels share torch's
+    OpenMP thread pool (the extension binds to the ``libgomp.so.1`` that torch has already loaded).
+    """
+    import torch
+
+    if os.name == "nt":  # MSVC spells it /openmp; torch's Windows wheels are not a target here
+        return []
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -34,7 +48,8 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + _openmp_flags()
+    link_flags = _openmp_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -46,6 +61,7 @@ def _extensions():
                 include_dirs=include_dirs,
                 define_macros=[("SA2VP_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
     return [
@@ -54,6 +70,7 @@ def _extensions():
             cpp_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 

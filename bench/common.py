@@ -803,6 +803,8 @@ def new_results(device, source: str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        # threads the compiled CPU kernels actually run on (1 for a build without OpenMP)
+        "kernel_cpu_threads": sa2vp_kernels.cpu_threads() if sa2vp_kernels.extension_available() else None,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "extension": sa2vp_kernels.extension_available(),
         "git": git_commit(),

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402  (bench/, the script's own folder)
 import sa2vp  # noqa: E402
+import sa2vp_kernels as sk  # noqa: E402
 
 
 def build(name: str, backend: str, num_classes: int = 100):
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
             rows["bf16"]["speedup_vs_fp32"] = rows["fp32"]["cpu_s"] / rows["bf16"]["cpu_s"]
             print(f"{name:<32} fused, bf16 autocast vs fp32: {rows['bf16']['speedup_vs_fp32']:.2f}x", flush=True)
     meta = {"device": common.device_name("cpu"), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "kernel_threads": sk.cpu_threads(),
+            "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
     out = Path(args.out) / f"cpu-e2e-{meta['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 // Operator schemas of sa2vp_kernels (declared once here; CPU implementations live in csrc/cpu,
 // CUDA implementations in csrc/cuda, fake/meta implementations and autograd in Python).
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "cpu/isa.h"
@@ -18,6 +21,21 @@ namespace {
 std::tuple<std::string, std::string> cpu_isa_op() {
   return {sa2vp::cpu_isa_name(sa2vp::cpu_isa()), sa2vp::cpu_isa_name(sa2vp::detected_cpu_isa())};
 }
+
+// How many threads at::parallel_for, which every CPU kernel uses, runs its work on now: one task per
+// thread torch would use, and the distinct thread numbers that ran them counted. 1 when the extension
+// was built without OpenMP (the loops then run serially on the caller).
+int64_t cpu_threads_op() {
+  const int64_t wanted = at::get_num_threads();
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, wanted, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    seen.fetch_or(uint64_t{1} << (t < 63 ? t : 63));
+  });
+  int64_t count = 0;
+  for (uint64_t bits = seen.load(); bits != 0; bits &= bits - 1) ++count;
+  return count;
+}
 }  // namespace
 
 TORCH_LIBRARY(sa2vp_kernels, m) {
@@ -25,6 +43,8 @@ TORCH_LIBRARY(sa2vp_kernels, m) {
   // (in use, detected): the float32 CPU kernels have AVX-512, AVX2 + FMA and portable versions;
   // SA2VP_CPU_ISA=generic|avx2|avx512 caps the one in use.
   m.def("cpu_isa() -> (str, str)", &cpu_isa_op);
+  // Threads the CPU kernels' parallel loops run on now (torch.get_num_threads() when built with OpenMP).
+  m.def("cpu_threads() -> int", &cpu_threads_op);
   // ---- local cross attention -------------------------------------------------------------
   // q, k, v: (B, H, N, D), any strides with stride(-1) == 1 preferred; N = num_prefix + grid_h*grid_w.
   // Returns out (B, H, N, D) contiguous, same dtype as q, and lse (B, H, N): the log-sum-exp of the

@@ -8,7 +8,7 @@ Public ops (each with ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"
 """
 from . import reference
 from ._dispatch import BACKENDS
-from ._ext import cpu_isa, extension_available
+from ._ext import cpu_isa, cpu_threads, extension_available
 from .local_attention import LocalCrossAttention, local_cross_attention
 from .prompt_add import prompt_add
 from .prompt_map import prompt_map
@@ -17,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "LocalCrossAttention",
     "cpu_isa",
+    "cpu_threads",
     "extension_available",
     "local_cross_attention",
     "prompt_add",

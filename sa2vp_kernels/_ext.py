@@ -54,3 +54,15 @@ def cpu_isa() -> tuple[str, str]:
         raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
     in_use, supported = torch.ops.sa2vp_kernels.cpu_isa()
     return in_use, supported
+
+
+def cpu_threads() -> int:
+    """How many threads the CPU kernels run on now: ``torch.get_num_threads()`` (they share torch's
+    OpenMP thread pool), or 1 when the extension was built without OpenMP (with a torch that has none).
+
+    Measured, not looked up: one parallel loop of the kind every CPU kernel uses, counting the threads
+    that ran it.
+    """
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
+    return int(torch.ops.sa2vp_kernels.cpu_threads())

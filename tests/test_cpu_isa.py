@@ -169,3 +169,42 @@ def test_results_do_not_depend_on_the_thread_count(isa):
     for other in results[1:]:
         for k, v in results[0].items():
             assert torch.equal(v, other[k]), f"{isa}: {k} depends on the number of threads"
+
+
+# ---- threads --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="this torch has no OpenMP thread pool")
+def test_cpu_kernels_run_on_torch_threads():
+    # at::parallel_for is a header template: an extension compiled without -fopenmp runs every loop
+    # serially, whatever torch.set_num_threads says
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert sk.cpu_threads() == threads
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("border", ["clip", "zero"])
+def test_attention_results_do_not_depend_on_the_thread_count(isa, dtype, border):
+    # 2 x 3 heads x (1 prefix + 9 rows) = 60 tasks in parallel chunks of 26 (at least 64k multiply-adds
+    # each): split over the threads
+    g = torch.Generator().manual_seed(5)
+    grid, P, D = (9, 7), 1, 40
+    q, k, v = (torch.randn(2, 3, P + grid[0] * grid[1], D, generator=g, dtype=dtype).requires_grad_(True)
+               for _ in range(3))
+    grad_out = torch.randn(q.shape, generator=g, dtype=dtype)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = sk.local_cross_attention(q, k, v, grid, window=5, num_prefix=P, border=border, backend="cpu")
+            results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)])
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
+            assert torch.equal(a, b), f"{isa}: attention {name} depends on the number of threads"
