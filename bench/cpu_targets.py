@@ -8,8 +8,9 @@ one of them and skew a ratio. Here every round calls each provider once, in a ro
 ratios are taken between the medians over all rounds, with the spread of the per-round ratios
 (quartiles). Cases: forward + backward of local cross attention (B=8, 14x14 + CLS, 1 x 768 and 12 x 64,
 float32) against the vectorised reference and masked SDPA, and of prompt_add (B=8, N=197, C=768, r=16,
-p = 0 and 0.1) against the unfused nn composition and the six low-rank matmuls alone. Writes
-bench/results/cpu-targets-<date>.json and prints a table.
+p = 0 and 0.1) against the unfused nn composition and the six low-rank matmuls alone. With --threads
+above 1, the cpu kernels also run on one thread in the same rounds (their scaling). Writes
+bench/results/cpu-targets-<date>.json (-<threads>-threads.json with more than one) and prints a table.
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def quartiles(values: list) -> tuple:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=60, help="timed rounds per case (after 3 warm-up rounds)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: steadier on a shared machine); with more than one, the cpu "
+                         "kernels are also timed on one thread in the same rounds (baseline cpu_1_thread)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     if args.rounds < 2:
@@ -62,17 +65,23 @@ def main(argv=None) -> int:
     rows = []
     for section, case, works, baseline_for_target, target in cases():
         runners = {p: w.runner("fwd+bwd") for p, w in works.items()}
+        threads = {p: args.threads for p in runners}
+        if args.threads > 1:
+            # the same kernels on one thread, in the same rounds: how they scale with the threads
+            runners["cpu_1_thread"], threads["cpu_1_thread"] = runners["cpu"], 1
         names = list(runners)
         times = {p: [] for p in names}
         for r in range(3 + args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for p in order:
+                torch.set_num_threads(threads[p])
                 t0 = time.perf_counter()
                 runners[p]()
                 if r >= 3:
                     times[p].append(time.perf_counter() - t0)
             if r >= 3 and (r - 2) % 20 == 0:
                 print(f"  {section} {case.label}: {r - 2}/{args.rounds} rounds", flush=True)
+        torch.set_num_threads(args.threads)
         med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
         for base in names[1:]:
             per_round = [b / a for a, b in zip(times["cpu"], times[base])]
@@ -88,7 +97,8 @@ def main(argv=None) -> int:
                   + (f"  target >= {target:g}x: {'met' if row['met'] else 'NOT met'}" if "target" in row else ""),
                   flush=True)
     results["ratios"] = rows
-    out = common.write_json(Path(args.out) / f"cpu-targets-{results['meta']['date']}.json", results)
+    suffix = "" if args.threads == 1 else f"-{args.threads}-threads"
+    out = common.write_json(Path(args.out) / f"cpu-targets-{results['meta']['date']}{suffix}.json", results)
     print(f"results: {out}")
     return 0
 

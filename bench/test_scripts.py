@@ -12,6 +12,7 @@ import torch
 import common
 import report
 import run_gpu
+import sa2vp_kernels
 
 
 def test_neighbourhood_mask_by_hand():
@@ -197,6 +198,30 @@ def test_e2e_cpu_script_both_precisions(tmp_path):
     assert rows[1]["speedup_vs_fp32"] == pytest.approx(rows[0]["cpu_s"] / rows[1]["cpu_s"])
     with pytest.raises(SystemExit):
         e2e_cpu.main(["--amp", "fp16", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(not sa2vp_kernels.extension_available(), reason="needs the compiled CPU kernels")
+def test_cpu_targets_two_threads(tmp_path):
+    """bench/cpu_targets.py with two threads: every ratio row, the kernels on one thread in the same
+    rounds, a file of its own beside the one-thread results, and torch's thread count left as asked."""
+    import cpu_targets
+
+    old = torch.get_num_threads()
+    try:
+        assert cpu_targets.main(["--rounds", "2", "--threads", "2", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    (path,) = tmp_path.glob("cpu-targets-*.json")
+    assert path.name.endswith("-2-threads.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["cpu_threads"] == 2
+    rows = data["ratios"]
+    assert {(r["section"], r["baseline"]) for r in rows} == {
+        ("attention", "reference"), ("attention", "sdpa_masked"), ("attention", "cpu_1_thread"),
+        ("prompt_add", "unfused"), ("prompt_add", "gemms"), ("prompt_add", "cpu_1_thread")}
+    assert len(rows) == 12 and all(r["speedup"] > 0 for r in rows)
+    assert sum("target" in r for r in rows) == 4
 
 
 def test_gpu_variants_patches_resolve_and_are_undone(tmp_path):
