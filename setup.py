@@ -10,6 +10,7 @@ Install with ``pip install --no-build-isolation -e .`` (build isolation would fe
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -38,7 +39,31 @@ def _openmp_flags():
 
     if os.name == "nt":  # MSVC spells it /openmp; torch's Windows wheels are not a target here
         return []
-    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    if not torch.backends.openmp.is_available():
+        return []
+    if not _compiler_has_openmp():
+        print("WARNING: the C++ compiler cannot build with -fopenmp (is gcc's libgomp missing?): the CPU kernels "
+              "of sa2vp_kernels will run on one thread; sa2vp_kernels.cpu_threads() reports 1", file=sys.stderr)
+        return []
+    return ["-fopenmp"]
+
+
+def _compiler_has_openmp():
+    """Whether the C++ compiler builds a shared library with ``-fopenmp`` (it needs gcc's libgomp)."""
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension uses
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp_probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint sa2vp_probe() {\n  int n = 0;\n#pragma omp parallel\n"
+                    "  { n = omp_get_num_threads(); }\n  return n;\n}\n")
+        cmd = [cxx, "-fopenmp", "-fPIC", "-shared", src, "-o", os.path.join(tmp, "omp_probe.so")]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 def _extensions():
