@@ -4,9 +4,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cpu/isa.h"
 
@@ -27,14 +28,12 @@ std::tuple<std::string, std::string> cpu_isa_op() {
 // was built without OpenMP (the loops then run serially on the caller).
 int64_t cpu_threads_op() {
   const int64_t wanted = at::get_num_threads();
-  std::atomic<uint64_t> seen{0};
+  std::vector<char> ran(static_cast<size_t>(wanted), 0);  // ran[t]: written by thread t only
   at::parallel_for(0, wanted, 1, [&](int64_t, int64_t) {
-    const int t = at::get_thread_num();
-    seen.fetch_or(uint64_t{1} << (t < 63 ? t : 63));
+    const int64_t t = at::get_thread_num();
+    if (t >= 0 && t < wanted) ran[static_cast<size_t>(t)] = 1;
   });
-  int64_t count = 0;
-  for (uint64_t bits = seen.load(); bits != 0; bits &= bits - 1) ++count;
-  return count;
+  return std::count(ran.begin(), ran.end(), 1);
 }
 }  // namespace
 
