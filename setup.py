@@ -73,8 +73,8 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fvisibility=hidden"] + _openmp_flags()
-    link_flags = _openmp_flags()
+    link_flags = _openmp_flags()  # (compiles a probe: once)
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + link_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

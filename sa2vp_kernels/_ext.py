@@ -43,6 +43,11 @@ def require_kernel(op: str, backend: str) -> None:
 CPU_ISAS = ("generic", "avx2", "avx512")
 
 
+def _require_extension():
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
+
+
 def cpu_isa() -> tuple[str, str]:
     """``(in_use, supported)``: the instruction set the float32 CPU kernels use now and the best one this
     processor supports, each ``"generic"``, ``"avx2"`` or ``"avx512"``.
@@ -50,8 +55,7 @@ def cpu_isa() -> tuple[str, str]:
     The environment variable ``SA2VP_CPU_ISA`` (one of those names) caps the one in use; it is read at
     every call of a CPU kernel.
     """
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
+    _require_extension()
     in_use, supported = torch.ops.sa2vp_kernels.cpu_isa()
     return in_use, supported
 
@@ -63,6 +67,5 @@ def cpu_threads() -> int:
     Measured, not looked up: one parallel loop of the kind every CPU kernel uses, counting the threads
     that ran it.
     """
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(f"sa2vp_kernels._C failed to import ({_IMPORT_ERROR}); {BUILD_HINT}")
+    _require_extension()
     return int(torch.ops.sa2vp_kernels.cpu_threads())
